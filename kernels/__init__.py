@@ -1,0 +1,1 @@
+"""Triton kernels for AMIR (installed as `medir_fast.kernels`)."""

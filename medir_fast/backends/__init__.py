@@ -1,0 +1,58 @@
+"""Inference backends: one small interface, one module per backend.
+
+A backend runs the network on a batch that is already normalised and padded:
+`run(batch [B, 1, H, W] float32 in [0, 1], H and W multiples of 8) -> [B, 1, H, W] float32`.
+It knows nothing of files, tasks, tiling or intensity units (the Restorer owns those).
+A backend that cannot run says why (`unavailable_reason`); nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+# name -> module; each module has `unavailable_reason(device, dtype) -> str | None` and `make(model, device, dtype)`.
+BACKENDS = {"eager": "medir_fast.backends.eager", "triton": "medir_fast.backends.triton"}
+AUTO_ORDER = ("triton", "eager")
+
+
+def _module(name: str):
+    if name not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend {name!r} cannot be imported: {exc}") from exc
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    try:
+        return _module(name).unavailable_reason(device, dtype)
+    except BackendUnavailable as exc:
+        return str(exc)
+
+
+def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Backend:
+    """Build backend `name` ('auto' picks the first available of AUTO_ORDER)."""
+    if name == "auto":
+        reasons = {n: unavailable_reason(n, device, dtype) for n in AUTO_ORDER}
+        name = next(n for n in AUTO_ORDER if reasons[n] is None or n == AUTO_ORDER[-1])
+    reason = unavailable_reason(name, device, dtype)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} unavailable: {reason}")
+    return _module(name).make(model, device, dtype)

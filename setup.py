@@ -1,0 +1,29 @@
+"""medir-fast: fast inference for AMIR, the all-in-one medical image restoration network.
+
+`kernels/` (Triton) and `export/` (engine builders) sit at the top of the repository and are
+installed as `medir_fast.kernels` and `medir_fast.export`.
+"""
+
+from setuptools import setup
+
+setup(
+    name="medir-fast",
+    version="0.1.0",
+    description="Fast inference for AMIR (all-in-one medical image restoration via task-adaptive routing)",
+    python_requires=">=3.10",
+    packages=["medir_fast", "medir_fast.model", "medir_fast.backends", "medir_fast.weights",
+              "medir_fast.kernels", "medir_fast.export"],
+    package_dir={"medir_fast": "medir_fast", "medir_fast.kernels": "kernels", "medir_fast.export": "export"},
+    package_data={"medir_fast.weights": ["*.json", "*.safetensors", "*.pth"]},
+    install_requires=[
+        "torch>=2.4",  # the CPU 2.13.0 wheel: install it first (see README), pip then keeps it
+        "numpy>=1.24",
+        "nibabel>=5.0",
+        "tqdm>=4.60",
+        "pillow>=9.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["medir-fast=medir_fast.cli:main"]},
+)
