@@ -4,7 +4,17 @@
 installed as `medir_fast.kernels` and `medir_fast.export`.
 """
 
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+# The streaming runtime's Python binding; the C++ library, its tests and the AOTInductor
+# example host are built by csrc/CMakeLists.txt.
+runtime = Pybind11Extension(
+    "medir_fast._runtime",
+    ["csrc/src/runtime.cpp", "csrc/python/bindings.cpp"],
+    include_dirs=["csrc/include"],
+    cxx_std=17,
+)
 
 setup(
     name="medir-fast",
@@ -25,5 +35,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
     },
+    ext_modules=[runtime],
+    cmdclass={"build_ext": build_ext},
     entry_points={"console_scripts": ["medir-fast=medir_fast.cli:main"]},
 )

@@ -10,14 +10,14 @@ Differences from the official code, all at inference and none in the function co
 - the experts are evaluated densely and the two chosen ones gathered, instead of
   sorting pixels per expert (`nonzero`, a host sync): the forward has no data-dependent
   shapes, so `torch.export` captures it with dynamic batch, height and width;
-- gating, top-k and the log-space combination run in float32 whatever the autocast
-  dtype, and the combination is a stable log-sum-exp (the official exp() overflows or
-  underflows to an epsilon for large |expert output|).
+- under autocast (fp16/bf16) the spatial routing (gating, top-k, experts, log-space
+  combination), the prompt network and the first and last convolutions stay float32
+  (the official code crashes there); the combination is a stable log-sum-exp (the
+  official exp() overflows, or underflows to an epsilon, for large |expert output|).
 """
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,11 @@ PROMPT_DIM = 256
 PROMPT_ATOMS = 32
 PROMPT_HIDDEN = 64
 NOISE_EPSILON = 1e-2
+
+
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    """x as float32, or float64 if it already is (the float32 islands must not downcast a float64 model)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 # --------------------------------------------------------------------------- backbone
@@ -213,18 +218,18 @@ class MoE(nn.Module):
         self.num_experts = num_experts
         self.k = k
         self.experts = nn.ModuleList([Mlp(dim, hidden) for _ in range(num_experts)])
-        self.w_gate = nn.Parameter(torch.zeros(2 * dim, num_experts))
+        self.w_gate = nn.Parameter(torch.randn(2 * dim, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(2 * dim, num_experts))
         self.register_buffer("mean", torch.tensor([0.0]))
         self.register_buffer("std", torch.tensor([1.0]))
 
     def gating(self, gate_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """float32 logits [N, E] -> (top-k gates [N, k], top-k indices [N, k], load-balancing loss)."""
-        clean = gate_input @ self.w_gate.float()
+        clean = gate_input @ self.w_gate.to(gate_input.dtype)
         if not self.training:
             top_logits, top_idx = clean.topk(self.k, dim=1)
             return top_logits.softmax(dim=1), top_idx, clean.new_zeros(())
-        noise_std = F.softplus(gate_input @ self.w_noise.float()) + NOISE_EPSILON
+        noise_std = F.softplus(gate_input @ self.w_noise.to(gate_input.dtype)) + NOISE_EPSILON
         noisy = clean + torch.randn_like(clean) * noise_std
         top_logits, top_idx = noisy.topk(min(self.k + 1, self.num_experts), dim=1)
         gates_k = top_logits[:, : self.k].softmax(dim=1)
@@ -240,19 +245,18 @@ class MoE(nn.Module):
         """Differentiable probability that each expert is in the top k under fresh noise."""
         threshold_if_in = top_logits[:, self.k : self.k + 1]
         threshold_if_out = top_logits[:, self.k - 1 : self.k]
-        normal = torch.distributions.Normal(self.mean.float(), self.std.float())
+        normal = torch.distributions.Normal(self.mean.to(clean.dtype), self.std.to(clean.dtype))
         is_in = noisy > threshold_if_in
         prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
         prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
         return torch.where(is_in, prob_if_in, prob_if_out)
 
     def forward(self, x: torch.Tensor, gate_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, C] (any float dtype), gate_input [N, 2C] float32 -> (log sum_k g_k exp(E_k(x)) [N, C], loss)."""
+        """x [N, C], gate_input [N, 2C] -> (log sum_k g_k exp(E_k(x)) [N, C], load-balancing loss)."""
         gates, idx, loss = self.gating(gate_input)
-        expert_out = torch.stack([expert(x) for expert in self.experts], dim=1).float()  # [N, E, C]
+        expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # [N, E, C]
         chosen = expert_out.gather(1, idx.unsqueeze(-1).expand(-1, -1, expert_out.shape[-1]))  # [N, k, C]
-        combined = torch.logsumexp(chosen + gates.log().unsqueeze(-1), dim=1)
-        return combined.to(x.dtype), loss
+        return torch.logsumexp(chosen + gates.log().unsqueeze(-1), dim=1).to(x.dtype), loss
 
 
 class SpatialRouting(nn.Module):
@@ -265,15 +269,12 @@ class SpatialRouting(nn.Module):
 
     def forward(self, x: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-        with torch.autocast(x.device.type, enabled=False):
-            prompt_term = self.fc(prompt.float())  # [B, C]
-            gate_input = torch.cat(
-                [pixels.float(), prompt_term.repeat_interleave(h * w, dim=0)], dim=1
-            )
-        y, loss = self.moe(pixels, gate_input)
-        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return y + x, loss
+        with torch.autocast(x.device.type, enabled=False):  # routing is float32 (see module docstring)
+            x = _full_precision(x)
+            pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+            prompt_term = self.fc(prompt.to(x.dtype)).repeat_interleave(h * w, dim=0)  # [B*H*W, C]
+            y, loss = self.moe(pixels, torch.cat([pixels, prompt_term], dim=1))
+        return y.reshape(b, h, w, c).permute(0, 3, 1, 2) + x, loss
 
 
 class ChannelRouting(nn.Module):
@@ -353,10 +354,15 @@ class AMIR(nn.Module):
         self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, padding=1, bias=bias)
 
     def forward(self, inp_img: torch.Tensor):
-        prompt = self.dict_generator(inp_img)
+        # The prompt network and the first and last convolutions see the image itself: they
+        # stay float32 under autocast (cheap, and where rounding would hurt the result most).
+        with torch.autocast(inp_img.device.type, enabled=False):
+            inp_img = _full_precision(inp_img)
+            prompt = self.dict_generator(inp_img)
+            x = self.patch_embed(inp_img)
 
         # Each level routes its input, then runs its Transformer blocks.
-        x, loss1 = self.spatial_routing_encoder_level1(self.patch_embed(inp_img), prompt)
+        x, loss1 = self.spatial_routing_encoder_level1(x, prompt)
         enc1 = self.encoder_level1(x)
         x, loss2 = self.spatial_routing_encoder_level2(self.down1_2(enc1), prompt)
         enc2 = self.encoder_level2(x)
@@ -371,7 +377,9 @@ class AMIR(nn.Module):
         x = torch.cat([self.up2_1(x), enc1], 1)
         x = self.decoder_level1(self.channel_routing_decoder_level1(x, prompt))
 
-        out = self.output(self.refinement(x)) + inp_img
+        x = self.refinement(x)
+        with torch.autocast(inp_img.device.type, enabled=False):
+            out = self.output(x.to(inp_img.dtype)) + inp_img
         if self.training:
             return out, loss1 + loss2 + loss3
         return out

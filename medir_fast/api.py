@@ -1,0 +1,127 @@
+"""The Python API: load a model, restore a file. Thin glue over model, io and Restorer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from . import weights as shipped
+from .io import Volume, VolumeError, read_volume, resampled_affine, write_volume
+from .model import AMIR, build_model, read_state_dict, unwrap_state_dict
+from .restorer import InputError, Restorer
+from .tasks import MRI_SR_SCALES, get_task
+
+log = logging.getLogger("medir_fast")
+
+NAN_POLICIES = ("error", "zero")
+
+
+def load_model(weights: str | Path | dict | None = None, config: dict | None = None, device: str = "cpu") -> AMIR:
+    """An eval-mode AMIR on `device`.
+
+    weights: None for the shipped default, the name of a shipped model, a checkpoint path
+    (plain state dict, `{'state_dict': ...}`, `{'model': ...}`, `module.` prefixes), or a state
+    dict. config: the AMIR constructor arguments; inferred from the checkpoint when omitted.
+    """
+    if weights is None or (isinstance(weights, str) and weights in shipped.available()):
+        state_dict, shipped_config = shipped.load(weights)
+        model = build_model(state_dict, config or shipped_config, source=f"shipped weights {weights or 'default'!r}")
+    elif isinstance(weights, dict):
+        model = build_model(unwrap_state_dict(weights), config)
+    else:
+        model = build_model(read_state_dict(weights), config, source=str(weights))
+    return model.to(device)
+
+
+def restore_file(
+    input_path: str | Path,
+    output_path: str | Path,
+    task: str,
+    weights: str | Path | None = None,
+    model: AMIR | None = None,
+    axis: int | None = None,
+    scale: int | None = None,
+    intensity_range: tuple[float, float] | None = None,
+    frame: int | None = None,
+    nan_policy: str = "error",
+    out_dtype: str = "float32",
+    overwrite: bool = False,
+    preview: str | Path | None = None,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    **restorer_options,
+) -> Path:
+    """Restore a NIfTI volume (or 2-D image) into a new NIfTI file with the same geometry.
+
+    restorer_options go to `Restorer` (backend, device, precision, batch_size, tile).
+    progress, if given, is called as progress(total_slices, axis) and returns a per-batch
+    callback taking the number of slices done.
+    Raises VolumeError / InputError / ValueError with a message meant for the user; nothing is
+    written unless the whole volume was restored.
+    """
+    task_preset = get_task(task)
+    if scale is not None and (task_preset.name != "mri_sr" or scale not in MRI_SR_SCALES):
+        raise InputError(f"--scale applies to mri_sr only, with a value in {MRI_SR_SCALES}")
+    if nan_policy not in NAN_POLICIES:
+        raise InputError(f"unknown NaN policy {nan_policy!r}; use one of {', '.join(NAN_POLICIES)}")
+    volume = read_volume(input_path, frame=frame)
+    output_path = Path(output_path)
+    if output_path.exists() and not overwrite:  # fail before the (long) computation; checked again at write
+        raise VolumeError(f"output {output_path} exists; pass --overwrite to replace it")
+    axis = _check_axis(volume, axis)
+    if intensity_range is not None:
+        task_preset = task_preset.with_range(*intensity_range)
+        _warn_out_of_range(volume, axis, task_preset)
+
+    nonfinite = volume.count_nonfinite(axis, 64)
+    if nonfinite and nan_policy == "error":
+        raise InputError(f"{volume.path} has {nonfinite} NaN/Inf voxels; pass --nan-policy zero to replace them with 0")
+
+    restorer = Restorer(model if model is not None else load_model(weights), task_preset, **restorer_options)
+    finite = (lambda a: np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)) if nonfinite else (lambda a: a)
+    on_batch = progress(volume.shape[axis] if len(volume.shape) == 3 else 1, axis) if progress else None
+    if len(volume.shape) == 2:
+        restored = restorer.restore_slices(finite(volume.read()), scale)
+        if on_batch:
+            on_batch(1)
+    else:
+        slabs = (finite(s) for s in volume.slabs(axis, restorer.batch_size))
+        restored = restorer.restore_slabs(slabs, volume.shape, axis, scale, on_batch)
+
+    affine = None
+    if scale is not None:
+        in_plane = tuple(i for i in range(len(volume.shape)) if i != axis) if len(volume.shape) == 3 else (0, 1)
+        affine = resampled_affine(volume.affine, in_plane, scale)
+    path = write_volume(output_path, restored, volume, affine=affine, out_dtype=out_dtype, overwrite=overwrite)
+    if preview is not None:
+        from .preview import write_preview
+
+        write_preview(preview, volume, restored, axis, task_preset, scale)
+    return path
+
+
+def _check_axis(volume: Volume, axis: int | None) -> int:
+    ndim = len(volume.shape)
+    if ndim == 2:
+        return 0
+    if axis is None:
+        return volume.slice_axis()
+    if not 0 <= axis < ndim:
+        raise InputError(f"--axis {axis} is out of range for a {ndim}-D volume (0..{ndim - 1})")
+    return axis
+
+
+def _warn_out_of_range(volume: Volume, axis: int, task) -> None:
+    total = outside = 0
+    for slab in volume.slabs(axis, 64):
+        finite = slab[np.isfinite(slab)]
+        total += finite.size
+        outside += int(np.count_nonzero((finite < task.lo) | (finite > task.hi)))
+    if total and outside / total > 0.01:
+        log.warning("%.1f%% of voxels fall outside the range [%g, %g] and will be clipped",
+                    100 * outside / total, task.lo, task.hi)
+
+
+__all__ = ["load_model", "restore_file"]

@@ -1,0 +1,228 @@
+"""The `medir-fast` command: argument parsing, messages and exit codes; no computation here.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 unexpected failure
+(one line; `--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import platform
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+# Subcommands implemented elsewhere: name -> module with add_arguments(parser) and run(args) -> int.
+EXTERNAL_COMMANDS = {
+    "train": ("medir_fast.training", "train AMIR on simulated or paired data"),
+    "eval": ("medir_fast.evaluate", "evaluate a model against classical baselines"),
+    "export": ("medir_fast.export.aoti", "export an engine file (AOTInductor .pt2)"),
+}
+
+log = logging.getLogger("medir_fast")
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that the main loop reports like any other bad input."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .backends import BackendUnavailable
+    from .io import VolumeError
+    from .model import CheckpointError
+    from .restorer import InputError
+    from .weights import WeightsError
+
+    return (UsageError, VolumeError, InputError, CheckpointError, WeightsError, BackendUnavailable, ValueError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _default_output(input_path: str, task: str) -> Path:
+    path = Path(input_path)
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return path.with_name(f"{name[: -len(suffix)]}_{task}{suffix}")
+    return path.with_name(f"{name}_{task}.nii.gz")
+
+
+def _progress_factory(enabled: bool):
+    """A tqdm bar (slices/s, ETA) on a terminal; nothing otherwise."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def start(total: int, axis: int):
+        bar = tqdm(total=total, unit="slice", desc=f"restoring (axis {axis})", dynamic_ncols=True, file=sys.stderr)
+
+        def update(n: int):
+            bar.update(n)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return update
+
+    return start
+
+
+# ---------------------------------------------------------------------- infer
+
+
+def add_infer_arguments(p: argparse.ArgumentParser) -> None:
+    from .tasks import TASKS
+
+    p.add_argument("input", help="input NIfTI volume or 2-D image (.nii or .nii.gz)")
+    p.add_argument("-o", "--output", help="output NIfTI path (default: INPUT_<task>.nii.gz beside the input)")
+    p.add_argument("--task", required=True, choices=list(TASKS), help="restoration task (sets the intensity range)")
+    p.add_argument("--weights", help="checkpoint file or shipped model name (default: the shipped default weights)")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "triton"], help="inference backend")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per network call")
+    p.add_argument("--tile", type=int, default=None,
+                   help="cut slices into NxN overlapping tiles (multiple of 8); default: whole slices")
+    p.add_argument("--axis", type=int, default=None,
+                   help="voxel axis to slice along (default: the one closest to superior-inferior)")
+    p.add_argument("--scale", type=int, choices=[2, 4], default=None,
+                   help="mri_sr: the input is SCALE times coarser in-plane; it is resampled onto the finer "
+                        "grid (default: the input is already on the target grid)")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), default=None,
+                   help="override the task's intensity range (physical units)")
+    p.add_argument("--frame", type=int, default=None, help="frame of a 4-D input to restore")
+    p.add_argument("--nan-policy", default="error", choices=["error", "zero"],
+                   help="NaN/Inf voxels: refuse the input, or replace them with 0")
+    p.add_argument("--out-dtype", default="float32", choices=["float32", "input"],
+                   help="output data type: float32, or the input's type with its scaling")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--preview", metavar="PNG", default=None,
+                   help="also write a PNG of the middle slice: input, output, difference")
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    from .api import restore_file
+
+    output = Path(args.output) if args.output else _default_output(args.input, args.task)
+    path = restore_file(
+        args.input, output, args.task,
+        weights=args.weights, axis=args.axis, scale=args.scale,
+        intensity_range=tuple(args.range) if args.range else None,
+        frame=args.frame, nan_policy=args.nan_policy, out_dtype=args.out_dtype,
+        overwrite=args.overwrite, preview=args.preview,
+        progress=_progress_factory(sys.stderr.isatty()),
+        backend=args.backend, device=args.device, precision=args.precision,
+        batch_size=args.batch_size, tile=args.tile,
+    )
+    print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------- info
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import nibabel
+    import numpy
+    import torch
+
+    from . import __version__, weights
+    from .backends import BACKENDS, unavailable_reason
+
+    print(f"medir-fast {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
+          f"nibabel {nibabel.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    print(f"devices: cpu ({torch.get_num_threads()} threads)")
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+    devices = [torch.device("cuda")] if torch.cuda.is_available() else [torch.device("cpu")]
+    print("backends:")
+    for name in BACKENDS:
+        for device in devices:
+            reason = unavailable_reason(name, device, torch.float32)
+            print(f"  {name} on {device}: {'available' if reason is None else 'unavailable: ' + reason}")
+    names = weights.available()
+    print("shipped weights: " + (", ".join(names) + f" (default: {names[0]})" if names else "none shipped yet"))
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+
+
+def build_parser() -> Parser:
+    from . import __version__
+
+    parser = Parser(prog="medir-fast", description="Fast AMIR inference for CT, MRI and PET restoration.",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"medir-fast {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    infer = sub.add_parser("infer", help="restore a NIfTI volume", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_infer_arguments(infer)
+    infer.set_defaults(func=run_infer)
+    info = sub.add_parser("info", help="versions, devices, backends and shipped weights")
+    info.set_defaults(func=run_info)
+    for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # that capability is not part of this version
+        p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(format="medir-fast: %(message)s",
+                        level=logging.DEBUG if debug else logging.INFO if sys.stderr.isatty() else logging.WARNING)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        return args.func(args)
+    except _user_errors() as exc:
+        if debug:
+            raise
+        print(f"medir-fast: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("medir-fast: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: one line for users, the traceback with --debug
+        if debug:
+            raise
+        print(f"medir-fast: failed: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The one inference plan every entry point goes through.
+
+`Restorer` owns what lies between a volume in physical units and a backend that runs the
+network on normalised, padded batches: slicing along an axis, batching, clip-and-scale,
+reflect padding to the network's multiple of 8 (or overlapping tiles blended without seams),
+in-plane resampling for `mri_sr`, precision and device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backends import make_backend
+from .tasks import MRI_SR_SCALES, Task, get_task
+
+log = logging.getLogger("medir_fast")
+
+MULTIPLE = 8  # three PixelUnshuffle(2) steps
+MIN_SIZE = 9  # the prompt network's two stride-3 convolutions need 9 pixels
+MIN_NETWORK_SIZE = 16  # smallest multiple of 8 that is >= MIN_SIZE
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class InputError(ValueError):
+    """Input the network cannot take (size, values); the message is meant for the user."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> the first CUDA device if there is one, else the CPU; refuse CUDA where there is none."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but no CUDA device is available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 on the CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; use auto, {', '.join(PRECISIONS)}") from None
+
+
+def network_size(n: int) -> int:
+    """The padded size the network runs at for a slice dimension of n pixels."""
+    return max(MIN_NETWORK_SIZE, math.ceil(n / MULTIPLE) * MULTIPLE)
+
+
+def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, n), consecutive tiles overlapping by >= overlap."""
+    if n <= tile:
+        return [0]
+    count = math.ceil((n - overlap) / (tile - overlap))
+    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+
+
+def blend_window(tile: int, overlap: int) -> torch.Tensor:
+    """Separable weights that ramp from ~0 to 1 over the overlap: neighbouring tiles cross-fade."""
+    ramp = torch.ones(tile, dtype=torch.float32)
+    if overlap > 0:
+        edge = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
+        ramp[:overlap] = edge
+        ramp[-overlap:] = edge.flip(0)
+    return ramp[:, None] * ramp[None, :]
+
+
+class Restorer:
+    """Restores 2-D slices and 3-D volumes with an AMIR model for one task.
+
+    backend: 'auto' (the fastest available, logged), 'eager' or 'triton'.
+    precision: 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.
+    tile: None runs whole slices; N cuts slices into N x N tiles (multiple of 8) overlapping by
+    N/4 and cross-faded. AMIR's attention and task prompt are global over the input, so tiling
+    changes the result slightly (see README). On CUDA a slice that does not fit in memory is
+    retried tiled automatically, with a warning.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: str | Task,
+        backend: str = "auto",
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        batch_size: int = 8,
+        tile: int | None = None,
+    ):
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if tile is not None and (tile < MIN_NETWORK_SIZE or tile % MULTIPLE):
+            raise ValueError(f"tile must be a multiple of {MULTIPLE} and >= {MIN_NETWORK_SIZE}, got {tile}")
+        self.batch_size = batch_size
+        self.tile = tile
+        self.backend = make_backend(backend, model, self.device, self.dtype)
+        log.info("backend %s on %s, %s", self.backend.name, self.device, str(self.dtype).replace("torch.", ""))
+
+    # ------------------------------------------------------------------ normalised space
+
+    def restore_normalized(self, slices: np.ndarray) -> np.ndarray:
+        """[N, H, W] float32 in [0, 1] -> restored [N, H, W] float32, same space."""
+        slices = np.asarray(slices, dtype=np.float32)
+        if slices.ndim != 3:
+            raise InputError(f"expected slices shaped [N, H, W], got shape {slices.shape}")
+        h, w = slices.shape[1:]
+        if min(h, w) < MIN_SIZE:
+            raise InputError(f"slice {h}x{w} is too small: AMIR needs at least {MIN_SIZE}x{MIN_SIZE} pixels")
+        out = np.empty_like(slices)
+        for start in range(0, len(slices), self.batch_size):
+            batch = torch.from_numpy(slices[start:start + self.batch_size]).unsqueeze(1)
+            out[start:start + len(batch)] = self._run(batch).squeeze(1).numpy()
+        return out
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.tile is not None:
+            return self._run_tiled(batch, self.tile)
+        try:
+            return self._run_padded(batch)
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()
+            tile = 256
+            log.warning("slice %dx%d does not fit in %s memory; retrying in %dx%d tiles",
+                        batch.shape[-2], batch.shape[-1], self.device, tile, tile)
+            self.tile = tile
+            return self._run_tiled(batch, tile)
+
+    def _run_padded(self, batch: torch.Tensor) -> torch.Tensor:
+        """Reflect-pad right and bottom to the network's size, run, crop back."""
+        h, w = batch.shape[-2:]
+        padded = F.pad(batch, (0, network_size(w) - w, 0, network_size(h) - h), mode="reflect")
+        return self.backend.run(padded)[..., :h, :w].cpu()
+
+    def _run_tiled(self, batch: torch.Tensor, tile: int) -> torch.Tensor:
+        """Overlapping tiles, batched, cross-faded; each tile runs padded as a whole slice would."""
+        b, c, h, w = batch.shape
+        th, tw = min(tile, h), min(tile, w)
+        overlap = tile // 4
+        boxes = [(y, x) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
+        window = blend_window(tile, overlap)[:th, :tw]
+        acc = torch.zeros(b, c, h, w)
+        weight = torch.zeros(1, 1, h, w)
+        tiles = [batch[..., y:y + th, x:x + tw] for y, x in boxes]
+        per_run = max(1, self.batch_size // b)
+        for i in range(0, len(tiles), per_run):
+            restored = self._run_padded(torch.cat(tiles[i:i + per_run])).split(b)
+            for (y, x), t in zip(boxes[i:i + per_run], restored):
+                acc[..., y:y + th, x:x + tw] += t * window
+                weight[..., y:y + th, x:x + tw] += window
+        return acc / weight
+
+    # ------------------------------------------------------------------ physical units
+
+    def restore_slices(self, slices: np.ndarray, scale: int | None = None) -> np.ndarray:
+        """[N, H, W] in the task's physical units -> restored [N, H', W'] float32, same units.
+
+        scale (mri_sr): the slices were acquired `scale` times coarser in-plane than wanted;
+        they are resampled (bicubic) onto the finer grid before the network.
+        """
+        slices = np.asarray(slices, dtype=np.float32)
+        if slices.ndim == 2:
+            return self.restore_slices(slices[None], scale)[0]
+        x = self.task.normalize(slices)
+        if scale is not None:
+            x = upsample(x, scale)
+        return self.task.denormalize(self.restore_normalized(x)).astype(np.float32, copy=False)
+
+    def restore_volume(
+        self,
+        volume: np.ndarray,
+        axis: int,
+        scale: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Restore a 2-D image or a 3-D volume slice by slice along `axis` (ignored for 2-D)."""
+        volume = np.asarray(volume)
+        if volume.ndim == 2:
+            return self.restore_slices(volume, scale)
+        if volume.ndim != 3:
+            raise InputError(f"expected a 2-D or 3-D array, got shape {volume.shape}")
+        slabs = (np.moveaxis(volume, axis, 0)[i:i + self.batch_size]
+                 for i in range(0, volume.shape[axis], self.batch_size))
+        return self.restore_slabs(slabs, volume.shape, axis, scale, progress)
+
+    def restore_slabs(
+        self,
+        slabs: Iterator[np.ndarray],
+        shape: tuple[int, ...],
+        axis: int,
+        scale: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Restore a volume given as consecutive slabs [n, H, W] along `axis`, filling one float32
+        output: the input is never held whole, so peak memory is one output plus one batch."""
+        in_plane = [n for i, n in enumerate(shape) if i != axis]
+        factor = scale or 1
+        out_shape = list(shape)
+        for i in range(3):
+            if i != axis:
+                out_shape[i] *= factor
+        out = np.empty(out_shape, dtype=np.float32)
+        out_slices = np.moveaxis(out, axis, 0)
+        done = 0
+        for slab in slabs:
+            if list(slab.shape[1:]) != in_plane:
+                raise InputError(f"slab of shape {slab.shape} does not match the volume's in-plane shape {in_plane}")
+            out_slices[done:done + len(slab)] = self.restore_slices(slab, scale)
+            done += len(slab)
+            if progress is not None:
+                progress(len(slab))
+        if done != shape[axis]:
+            raise InputError(f"got {done} slices, expected {shape[axis]}")
+        return out
+
+
+def upsample(slices: np.ndarray, scale: int) -> np.ndarray:
+    """Bicubic in-plane upsampling by an integer factor (pixel centres kept, half-pixel convention)."""
+    if scale not in MRI_SR_SCALES:
+        raise ValueError(f"scale must be one of {MRI_SR_SCALES}, got {scale}")
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).unsqueeze(1)
+    return F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False).squeeze(1).numpy()
