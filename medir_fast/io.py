@@ -85,7 +85,10 @@ class Volume:
 
 def atomic_output(path: Path, suffix: str):
     """A temporary file beside `path` with the permissions a plain create would give (mkstemp's are 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise VolumeError(f"output folder is not writable: {path.parent} ({exc.strerror})") from exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -186,8 +189,6 @@ def write_volume(
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise VolumeError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise VolumeError(f"output folder is not writable: {folder}")
 
     header = output_header(volume, data.shape, affine)
     if out_dtype == "float32":

@@ -1,0 +1,72 @@
+"""Loading checkpoints: plain, wrapped, DataParallel-prefixed; mismatches named; config inferred."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medir_fast import load_model
+from medir_fast.model import AMIR, CheckpointError, build_model, read_state_dict
+
+from .conftest import DATA, golden
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "model", "module_prefix", "wrapped_prefix"])
+def test_wrapped_checkpoints_load_and_match_golden(tmp_path, wrap):
+    sd = torch.load(DATA / "tiny_state_dict.pth", weights_only=True)
+    obj = {
+        "plain": sd,
+        "state_dict": {"state_dict": sd, "epoch": torch.tensor(3)},
+        "model": {"model": sd},
+        "module_prefix": {f"module.{k}": v for k, v in sd.items()},
+        "wrapped_prefix": {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    }[wrap]
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    model = load_model(path)
+    _, io = golden("tiny")
+    with torch.no_grad():
+        assert (model(io["inputs"][0]) - io["outputs"][0]).abs().max() <= 1e-5
+
+
+def test_mismatching_checkpoint_names_first_problems():
+    sd = torch.load(DATA / "tiny_state_dict.pth", weights_only=True)
+    with pytest.raises(CheckpointError, match=r"wrong shape .*patch_embed\.proj\.weight"):
+        build_model(sd, config=dict(dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1))
+    broken = dict(sd)
+    del broken["output.weight"]
+    broken["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"missing \(first: output\.weight\).*unexpected \(first: extra\.weight\)"):
+        build_model(broken, config=dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1))
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_state_dict(tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a zip or pickle")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        read_state_dict(junk)
+    torch.save({"a": 1}, tmp_path / "dict.pth")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        read_state_dict(tmp_path / "dict.pth")
+    torch.save({"x.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not an AMIR checkpoint"):
+        load_model(tmp_path / "other.pth")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"state_dict": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        read_state_dict(tmp_path / "evil.pth")
+
+
+def test_config_inferred_for_non_default_options(tmp_path):
+    model = AMIR(dim=12, num_blocks=[1, 2, 1, 1], num_refinement_blocks=2, heads=[1, 2, 2, 4],
+                 ffn_expansion_factor=2.0, bias=True, LayerNorm_type="BiasFree")
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    loaded = load_model(tmp_path / "m.pth")
+    assert loaded.config == model.config
