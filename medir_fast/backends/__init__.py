@@ -9,9 +9,13 @@ A backend that cannot run says why (`unavailable_reason`); nothing falls back si
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Protocol
 
 import torch
+
+
+log = logging.getLogger("medir_fast")
 
 
 class Backend(Protocol):
@@ -28,7 +32,8 @@ class BackendUnavailable(RuntimeError):
 
 # name -> module; each module has `unavailable_reason(device, dtype) -> str | None` and `make(model, device, dtype)`.
 BACKENDS = {"eager": "medir_fast.backends.eager", "triton": "medir_fast.backends.triton"}
-AUTO_ORDER = ("triton", "eager")
+# 'auto' tries these in order; on the CPU only eager (Triton's CPU interpreter is for tests, not use).
+AUTO_ORDER = {"cuda": ("triton", "eager"), "cpu": ("eager",)}
 
 
 def _module(name: str):
@@ -48,10 +53,13 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
 
 
 def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Backend:
-    """Build backend `name` ('auto' picks the first available of AUTO_ORDER)."""
+    """Build backend `name` ('auto' picks the first available of AUTO_ORDER for the device)."""
     if name == "auto":
-        reasons = {n: unavailable_reason(n, device, dtype) for n in AUTO_ORDER}
-        name = next(n for n in AUTO_ORDER if reasons[n] is None or n == AUTO_ORDER[-1])
+        for name in AUTO_ORDER[device.type]:
+            reason = unavailable_reason(name, device, dtype)
+            if reason is None:
+                break
+            log.info("auto: skipping backend %s (%s)", name, reason)
     reason = unavailable_reason(name, device, dtype)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} unavailable: {reason}")
