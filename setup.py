@@ -33,7 +33,7 @@ setup(
         "pillow>=9.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.0"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0"],
     },
     ext_modules=[runtime],
     cmdclass={"build_ext": build_ext},
