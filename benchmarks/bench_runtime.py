@@ -5,9 +5,10 @@ cost: clip-and-scale, queueing, the worker hand-off, the call into Python, de-no
 and `tiny` (the tiny golden AMIR on the eager backend: the overhead next to real compute).
 "direct" is Restorer.restore_slices-style work on whole batches in numpy (normalize, backend,
 denormalize); "stream" pushes the same slices one by one from a producer thread and pops them
-in a consumer thread. Median of --repeats runs.
+in a consumer thread. Median of --repeats runs; microseconds per slice, wall clock and CPU
+(all threads).
 
-    python benchmarks/bench_runtime.py [--slices 512] [--batch 8] [--sizes 64 256] [--repeats 5]
+    python benchmarks/bench_runtime.py [--slices 512] [--batch 8] [--sizes 64 128 256] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -40,42 +41,61 @@ class NullRestorer:
         return batch
 
 
-def direct(restorer, slices: np.ndarray, batch: int) -> float:
+def direct(restorer, slices: np.ndarray, batch: int) -> tuple[float, float]:
+    """Batches through the backend from a (non-main) thread, as the stream's worker calls it: on a
+    busy CPU, torch's intra-op threads run far slower when called from the main thread (measured
+    10x on a loaded 2-core machine), which would swamp the comparison."""
     task = restorer.task
-    start = time.perf_counter()
-    for i in range(0, len(slices), batch):
-        x = task.normalize(slices[i:i + batch])
-        task.denormalize(restorer.restore_normalized(x)).astype(np.float32, copy=False)
-    return time.perf_counter() - start
+
+    def body():
+        for i in range(0, len(slices), batch):
+            x = task.normalize(slices[i:i + batch])
+            task.denormalize(restorer.restore_normalized(x)).astype(np.float32, copy=False)
+
+    start, cpu = time.perf_counter(), time.process_time()
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def streamed(restorer, slices: np.ndarray, batch: int) -> float:
+def streamed(restorer, slices: np.ndarray, batch: int) -> tuple[float, float]:
     with Stream(restorer, batch_size=batch, queue_depth=4 * batch, max_wait=0.001) as stream:
         def produce():
             for s in slices:
                 stream.push(s)
             stream.finish()
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         producer = threading.Thread(target=produce)
         producer.start()
         n = sum(1 for _ in stream)
         producer.join()
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start, time.process_time() - cpu
     assert n == len(slices)
     return elapsed
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (thread pools, allocator, first-call costs)
-    return statistics.median(fn() for _ in range(repeats))
+def median_times(fns, repeats: int) -> list[tuple[float, float]]:
+    """Median (wall, CPU) seconds of each function, run interleaved so that a change in machine
+    load hits all alike. CPU time (all threads of the process) is the steadier measure of cost
+    on a shared machine; wall time includes waiting for a core."""
+    for fn in fns:
+        fn()  # warm-up (thread pools, allocator, first-call costs)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t.append(fn())
+    return [(statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for t in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256], help="slice sides, null backend")
+    parser.add_argument("--model-sizes", type=int, nargs="+", default=[64], help="slice sides, tiny AMIR")
+    parser.add_argument("--model-slices", type=int, default=32, help="slices per run, tiny AMIR")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=["null", "tiny"], choices=["null", "tiny"])
     args = parser.parse_args()
@@ -87,18 +107,19 @@ def main() -> None:
                                      precision="fp32", batch_size=args.batch)
     print(f"# runtime overhead, {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"batch {args.batch}, median of {args.repeats}")
-    print("| backend | slice | slices | direct us/slice | stream us/slice | overhead us/slice |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| backend | slice | slices | direct wall | stream wall | wall overhead | direct CPU | stream CPU | CPU overhead |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rng = np.random.default_rng(0)
     for name in args.backends:
         restorer = restorers[name]
-        for size in args.sizes:
-            n = args.slices if name == "null" else max(args.batch, args.slices // 8)  # the model is slow on a CPU
+        for size in args.sizes if name == "null" else args.model_sizes:
+            n = args.slices if name == "null" else args.model_slices  # the model is slow on a CPU
             slices = rng.uniform(-1300, 3400, (n, size, size)).astype(np.float32)
-            t_direct = median_time(lambda: direct(restorer, slices, args.batch), args.repeats) / n * 1e6
-            t_stream = median_time(lambda: streamed(restorer, slices, args.batch), args.repeats) / n * 1e6
-            print(f"| {name} | {size}x{size} | {n} | {t_direct:.1f} | {t_stream:.1f} | {t_stream - t_direct:+.1f} |",
-                  flush=True)
+            (wd, cd), (ws, cs) = ((w / n * 1e6, c / n * 1e6) for w, c in median_times(
+                [lambda: direct(restorer, slices, args.batch), lambda: streamed(restorer, slices, args.batch)],
+                args.repeats))
+            print(f"| {name} | {size}x{size} | {n} | {wd:.1f} | {ws:.1f} | {ws - wd:+.1f} "
+                  f"| {cd:.1f} | {cs:.1f} | {cs - cd:+.1f} |", flush=True)
 
 
 if __name__ == "__main__":

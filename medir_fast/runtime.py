@@ -1,0 +1,114 @@
+"""Streaming restoration: push slices as they arrive, pop restored slices in push order.
+
+A thin layer over the C++ runtime (`medir_fast._runtime`, csrc/): a worker thread batches the
+pushed slices (when `batch_size` are waiting, or when the oldest has waited `max_wait`
+seconds), calls `restorer.restore_normalized` on them and maps the result back to the task's
+units. Clip-and-scale and its inverse use `restorer.task.lo/hi`, like `Restorer.restore_slices`.
+At most `queue_depth` slices are inside the stream (pushed, not yet popped): a full stream
+blocks `push` (block=True) or makes it return False (block=False).
+
+Push and pop from different threads (one producer, one consumer), or alternate them in one
+thread with block=False; a single thread that pushes everything before popping deadlocks on a
+blocking stream once `queue_depth` slices are waiting.
+
+    with Stream(restorer, batch_size=8) as stream:   # producer thread: push, then finish()
+        ...
+        for restored in stream:                      # consumer thread: slices in push order
+            ...
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _runtime
+
+NAN_POLICIES = ("error", "replace")
+
+StreamClosed = _runtime.StreamClosed  # RuntimeError: push after finish()/close() or after a backend failure
+
+
+class StreamEnded(EOFError):
+    """pop() after finish() once every result was popped."""
+
+
+class SliceFailed(RuntimeError):
+    """A slice the runtime could not restore (the backend raised); the stream carries on delivering."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"slice {index} failed: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+class Stream:
+    """Streaming restorer for slices of one size (`shape`, or that of the first pushed slice).
+
+    nan_policy: 'error' rejects a slice holding NaN/Inf at push (ValueError, stream still
+    usable); 'replace' maps NaN to the range's low end and clips +-Inf like any other value.
+    """
+
+    def __init__(
+        self,
+        restorer,
+        batch_size: int = 8,
+        queue_depth: int | None = None,
+        max_wait: float = 0.005,
+        block: bool = True,
+        nan_policy: str = "error",
+        shape: tuple[int, int] | None = None,
+    ):
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        height, width = shape if shape is not None else (0, 0)
+        backend = getattr(restorer, "backend", None)
+        self._impl = _runtime.Stream(
+            restorer.restore_normalized,
+            lo=float(restorer.task.lo), hi=float(restorer.task.hi), height=height, width=width,
+            batch_size=batch_size, queue_depth=queue_depth if queue_depth is not None else 4 * batch_size,
+            max_wait=max_wait, block=block, nan_policy=nan_policy, name=getattr(backend, "name", "python"),
+        )
+
+    def push(self, slice: np.ndarray) -> bool:
+        """Queue one [H, W] float32 slice (physical units; copied). False only when block=False and full."""
+        if not isinstance(slice, np.ndarray):
+            raise TypeError(f"slice must be a numpy array, got {type(slice).__name__}")
+        return self._impl.push(slice)
+
+    def pop(self, timeout: float | None = None) -> np.ndarray:
+        """The next restored slice in push order ([H, W] float32, task units).
+
+        Raises TimeoutError when none is ready within `timeout` seconds, SliceFailed for a slice
+        that could not be restored (its turn in the order), StreamEnded after the last one
+        (or once the stream is closed).
+        """
+        kind, *rest = self._impl.pop(timeout)
+        if kind == "ok":
+            return rest[1]
+        if kind == "failed":
+            raise SliceFailed(*rest)
+        if kind == "timeout":
+            raise TimeoutError(f"no restored slice within {timeout} s")
+        raise StreamEnded("stream finished: every result was popped")
+
+    def finish(self) -> None:
+        """No more slices: the last partial batch runs now. Calling it again does nothing."""
+        self._impl.finish()
+
+    def close(self) -> None:
+        """Stop now: the running batch completes, results not popped are dropped. Idempotent."""
+        self._impl.close()
+
+    def __iter__(self):
+        """Restored slices until the stream ends (after finish()); a failed slice raises SliceFailed."""
+        while True:
+            try:
+                yield self.pop()
+            except StreamEnded:
+                return
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
