@@ -50,12 +50,14 @@ def restore_file(
     out_dtype: str = "float32",
     overwrite: bool = False,
     preview: str | Path | None = None,
+    stream: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     **restorer_options,
 ) -> Path:
     """Restore a NIfTI volume (or 2-D image) into a new NIfTI file with the same geometry.
 
     restorer_options go to `Restorer` (backend, device, precision, batch_size, tile).
+    stream: run the slices through the C++ streaming runtime (file reading overlaps compute).
     progress, if given, is called as progress(total_slices, axis) and returns a per-batch
     callback taking the number of slices done.
     Raises VolumeError / InputError / ValueError with a message meant for the user; nothing is
@@ -64,6 +66,8 @@ def restore_file(
     task_preset = get_task(task)
     if scale is not None and (task_preset.name != "mri_sr" or scale not in MRI_SR_SCALES):
         raise InputError(f"--scale applies to mri_sr only, with a value in {MRI_SR_SCALES}")
+    if stream and scale is not None:
+        raise InputError("--stream does not resample: leave out --scale or --stream")
     if nan_policy not in NAN_POLICIES:
         raise InputError(f"unknown NaN policy {nan_policy!r}; use one of {', '.join(NAN_POLICIES)}")
     volume = read_volume(input_path, frame=frame)
@@ -88,7 +92,12 @@ def restore_file(
             on_batch(1)
     else:
         slabs = (finite(s) for s in volume.slabs(axis, restorer.batch_size))
-        restored = restorer.restore_slabs(slabs, volume.shape, axis, scale, on_batch)
+        if stream:
+            from .runtime import restore_slabs_streaming
+
+            restored = restore_slabs_streaming(restorer, slabs, volume.shape, axis, on_batch)
+        else:
+            restored = restorer.restore_slabs(slabs, volume.shape, axis, scale, on_batch)
 
     affine = None
     if scale is not None:

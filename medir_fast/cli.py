@@ -110,6 +110,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dtype", default="float32", choices=["float32", "input"],
                    help="output data type: float32, or the input's type with its scaling")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--stream", action="store_true",
+                   help="restore through the C++ streaming runtime, overlapping file reading with compute")
     p.add_argument("--preview", metavar="PNG", default=None,
                    help="also write a PNG of the middle slice: input, output, difference")
 
@@ -123,7 +125,7 @@ def run_infer(args: argparse.Namespace) -> int:
         weights=args.weights, axis=args.axis, scale=args.scale,
         intensity_range=tuple(args.range) if args.range else None,
         frame=args.frame, nan_policy=args.nan_policy, out_dtype=args.out_dtype,
-        overwrite=args.overwrite, preview=args.preview,
+        overwrite=args.overwrite, preview=args.preview, stream=args.stream,
         progress=_progress_factory(sys.stderr.isatty()),
         backend=args.backend, device=args.device, precision=args.precision,
         batch_size=args.batch_size, tile=args.tile,

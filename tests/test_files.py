@@ -164,3 +164,11 @@ def test_preview_png_shows_three_panels(tmp_path, ct_volume, tiny_model):
     img = np.asarray(Image.open(png))
     assert img.shape == (61, 3 * 37 + 8)
     assert img.std() > 0
+
+
+def test_stream_gives_the_same_volume(tmp_path, ct_volume, tiny_model):
+    plain = nib.load(restore_file(ct_volume, tmp_path / "a.nii.gz", "ct_denoise", model=tiny_model, batch_size=2))
+    streamed = nib.load(restore_file(ct_volume, tmp_path / "b.nii.gz", "ct_denoise", model=tiny_model,
+                                     batch_size=2, stream=True))
+    np.testing.assert_allclose(streamed.get_fdata(), plain.get_fdata(), rtol=1e-5, atol=1e-2)
+    assert _geometry(streamed) == _geometry(plain)
