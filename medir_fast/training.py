@@ -1,0 +1,269 @@
+"""`medir-fast train`: the official all-in-one objective on paired folders.
+
+Every batch mixes the tasks (sample i comes from modality i mod 3), loss = L1 + 0.001 x the
+routing load-balancing loss, Adam 2e-4 with a cosine schedule, random crops, flips and 90-degree
+rotations. Checkpoints (model, optimizer, schedule, step, RNG) are written atomically, so a run
+killed at any moment resumes from its last checkpoint with `--resume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import MODALITY_TASK, DataError, PairedVolume, read_pairs
+from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, read_state_dict
+from .tasks import get_task
+
+CONFIGS = {  # "slim" is the shipped default: a 512 x 512 slice in seconds on a 2-core CPU
+    "slim": dict(DEFAULT_CONFIG, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1),
+    "compact": dict(DEFAULT_CONFIG, dim=16, num_blocks=[2, 2, 2, 2], num_refinement_blocks=2),
+    "small": dict(DEFAULT_CONFIG, dim=24, num_blocks=[2, 3, 3, 4], num_refinement_blocks=2),
+    "default": dict(DEFAULT_CONFIG),
+}
+LOAD_BALANCING_WEIGHT = 0.001
+
+
+def resolve_config(spec: str) -> dict:
+    """A preset name, a JSON file, or inline JSON (keys override the slim preset)."""
+    if spec in CONFIGS:
+        return dict(CONFIGS[spec])
+    text = Path(spec).read_text() if spec.endswith(".json") and Path(spec).is_file() else spec
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"--config must be one of {', '.join(CONFIGS)}, a .json file or inline JSON; got {spec!r}") from None
+    unknown = set(overrides) - set(DEFAULT_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown AMIR config keys: {', '.join(sorted(unknown))}")
+    return dict(CONFIGS["slim"], **overrides)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class PatchSampler:
+    """Random paired crops in network units ([0, 1] per task preset), tasks interleaved."""
+
+    def __init__(self, pairs: list[PairedVolume], crop: int, rng: np.random.Generator):
+        self.crop, self.rng = crop, rng
+        self.slices: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for pair in pairs:
+            task = get_task(MODALITY_TASK[pair.modality])
+            if min(pair.lq.shape[1:]) < crop:
+                raise DataError(f"{pair.modality}/{pair.name}: slices {pair.lq.shape[1:]} are smaller than the crop {crop}")
+            lq, hq = task.normalize(pair.lq).astype(np.float32), task.normalize(pair.hq).astype(np.float32)
+            self.slices.setdefault(pair.modality, []).extend(zip(lq, hq))
+        self.modalities = sorted(self.slices)
+
+    def _crop(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        stack, c = self.slices[modality], self.crop
+        for _ in range(10):  # prefer crops with anatomy in them over pure background
+            lq, hq = stack[self.rng.integers(len(stack))]
+            r, s = self.rng.integers(hq.shape[0] - c + 1), self.rng.integers(hq.shape[1] - c + 1)
+            lq, hq = lq[r:r + c, s:s + c], hq[r:r + c, s:s + c]
+            if hq.max() - hq.min() > 0.02:
+                break
+        k = self.rng.integers(4)
+        lq, hq = np.rot90(lq, k), np.rot90(hq, k)
+        if self.rng.random() < 0.5:
+            lq, hq = lq[:, ::-1], hq[:, ::-1]
+        return lq, hq
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.rng.integers(len(self.modalities))
+        crops = [self._crop(self.modalities[(start + i) % len(self.modalities)]) for i in range(size)]
+        lq = torch.from_numpy(np.stack([c[0] for c in crops]).copy())[:, None]
+        hq = torch.from_numpy(np.stack([c[1] for c in crops]).copy())[:, None]
+        return lq, hq
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    state = rng.bit_generator.state
+    return {"torch": torch.get_rng_state(), "numpy": json.dumps(state)}
+
+
+def _set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    rng.bit_generator.state = json.loads(state["numpy"])
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def cosine_lr(lr: float, progress: float) -> float:
+    """Cosine decay from `lr` to lr/100 as `progress` goes from 0 to 1."""
+    floor = lr * 0.01
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def train(
+    data_root: str | Path,
+    out_dir: str | Path,
+    config: dict,
+    steps: int | None = None,
+    batch_size: int = 6,
+    crop: int = 64,
+    lr: float = 2e-4,
+    device: str = "cpu",
+    seed: int = 0,
+    init: str | None = None,
+    resume: bool = False,
+    save_every: int = 100,
+    time_budget: float | None = None,
+    stop_after: int | None = None,
+    modalities: tuple[str, ...] = tuple(MODALITY_TASK),
+    progress: bool = True,
+) -> dict:
+    """Train (or fine-tune from `init`) and return a summary; `out_dir/last.pt` holds the state.
+
+    The cosine schedule runs over `steps` optimizer steps or, with `time_budget` (minutes),
+    over that much training time, so that a run on a slow or shared machine still anneals
+    fully; training time is part of the checkpoint, so resumed runs keep their place.
+    `stop_after` ends this call after that many steps (resume later).
+    """
+    if (steps is None) == (time_budget is None):
+        raise ValueError("give exactly one of steps and time_budget")
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "last.pt"
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    sampler = PatchSampler(read_pairs(data_root, "train", modalities), crop, rng)
+
+    model = build_model(_init_state_dict(init), config, source=init) if init else AMIR(**config)
+    model = model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    step, seconds = 0, 0.0
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state["config"] != config:
+            raise CheckpointError(f"{ckpt_path} was trained with config {state['config']}, not {config}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(rng, state["rng"])
+        step, seconds = state["step"], state["seconds"]
+
+    def done_fraction() -> float:
+        return step / steps if steps is not None else seconds / (time_budget * 60)
+
+    def checkpoint() -> None:
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng),
+                     "step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
+                     "lr": lr, "batch_size": batch_size, "crop": crop, "modalities": list(modalities)}, ckpt_path)
+
+    losses: list[float] = []
+    stop_at = step + stop_after if stop_after is not None else math.inf
+    bar = tqdm(total=steps or round(time_budget * 60), initial=step if steps else round(seconds), disable=not progress,
+               unit="step" if steps else "s", dynamic_ncols=True,
+               bar_format=None if steps else "{l_bar}{bar}| {n:.0f}/{total} s of training [{elapsed}<{remaining}{postfix}]")
+    while done_fraction() < 1 and step < stop_at:
+        t0 = time.monotonic()
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(lr, done_fraction())
+        lq, hq = (t.to(device) for t in sampler.batch(batch_size))
+        out, balance = model(lq)
+        loss = F.l1_loss(out, hq) + LOAD_BALANCING_WEIGHT * balance
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        dt = time.monotonic() - t0
+        seconds += dt
+        losses.append(loss.item())
+        bar.update(1 if steps else dt)
+        bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{batch_size / dt:.1f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+        if step % save_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    return {"step": step, "seconds": seconds, "losses": losses, "checkpoint": str(ckpt_path), "finished": done_fraction() >= 1}
+
+
+def _init_state_dict(init: str) -> dict[str, torch.Tensor]:
+    """`default` or a shipped name -> shipped weights; otherwise a checkpoint file."""
+    from . import weights
+
+    if init in weights.available() or init == "default":
+        return weights.load(None if init == "default" else init)[0]
+    return read_state_dict(init)
+
+
+def export_weights(checkpoint: str | Path, out: str | Path) -> None:
+    """Write the plain model state dict (official key names) of a training checkpoint."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    save_atomic({k: v.contiguous() for k, v in state["model"].items()}, Path(out))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help="paired data root: ROOT/{CT,MRI,PET}/train/{LQ,HQ}/*.nii[.gz]")
+    parser.add_argument("--out", required=True, help="output folder (checkpoint last.pt, weights.pth)")
+    parser.add_argument("--config", default="slim", help=f"model size: {', '.join(CONFIGS)}, a .json file or inline JSON")
+    parser.add_argument("--steps", type=int, help="total optimizer steps of the cosine schedule (default 20000)")
+    parser.add_argument("--time-budget", type=float, help="instead of --steps: minutes of training the cosine schedule spans")
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--crop", type=int, default=64, help="square crop side, a multiple of 8")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="start from weights: 'default', a shipped name, or a checkpoint file")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--stop-after", type=int, help="run at most this many steps now (resume later with --resume)")
+    parser.add_argument("--modalities", default="CT,MRI,PET", help="comma-separated subset of CT,MRI,PET")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modalities = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
+    bad = [m for m in modalities if m not in MODALITY_TASK]
+    try:
+        if args.crop % 8 or args.crop < 16:
+            raise ValueError(f"--crop must be a multiple of 8 and at least 16, got {args.crop}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} asked for, but this torch build sees no CUDA device")
+        if bad or not modalities:
+            raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
+        config = resolve_config(args.config)
+        if args.steps is not None and args.time_budget is not None:
+            raise ValueError("give --steps or --time-budget, not both")
+        steps = args.steps if args.steps is not None or args.time_budget is not None else 20000
+        summary = train(args.data, args.out, config, steps, args.batch_size, args.crop, args.lr, args.device,
+                        args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities)
+    except (ValueError, OSError) as exc:  # DataError, CheckpointError and WeightsError are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    export_weights(summary["checkpoint"], Path(args.out) / "weights.pth")
+    losses = summary["losses"]
+    tail = f", mean loss of the last 100 steps {np.mean(losses[-100:]):.4f}" if losses else ""
+    state = "finished" if summary["finished"] else "stopped (resume with --resume)"
+    print(f"{state} at step {summary['step']} after {summary['seconds'] / 60:.1f} min of training{tail}; "
+          f"weights: {Path(args.out) / 'weights.pth'}")
+    return 0

