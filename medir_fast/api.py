@@ -77,9 +77,10 @@ def restore_file(
     axis = _check_axis(volume, axis)
     if intensity_range is not None:
         task_preset = task_preset.with_range(*intensity_range)
-        _warn_out_of_range(volume, axis, task_preset)
-
-    nonfinite = volume.count_nonfinite(axis, 64)
+    nonfinite, outside, total = _scan(volume, axis, task_preset)
+    if intensity_range is not None and total and outside / total > 0.01:
+        log.warning("%.1f%% of voxels fall outside the range [%g, %g] and will be clipped",
+                    100 * outside / total, task_preset.lo, task_preset.hi)
     if nonfinite and nan_policy == "error":
         raise InputError(f"{volume.path} has {nonfinite} NaN/Inf voxels; pass --nan-policy zero to replace them with 0")
 
@@ -122,15 +123,17 @@ def _check_axis(volume: Volume, axis: int | None) -> int:
     return axis
 
 
-def _warn_out_of_range(volume: Volume, axis: int, task) -> None:
-    total = outside = 0
+def _scan(volume: Volume, axis: int, task) -> tuple[int, int, int]:
+    """One pass over the voxels before any computation: (NaN/Inf count, finite voxels outside the
+    task's range, finite voxels). Also surfaces a truncated file before anything is written."""
+    nonfinite = outside = total = 0
     for slab in volume.slabs(axis, 64):
-        finite = slab[np.isfinite(slab)]
-        total += finite.size
-        outside += int(np.count_nonzero((finite < task.lo) | (finite > task.hi)))
-    if total and outside / total > 0.01:
-        log.warning("%.1f%% of voxels fall outside the range [%g, %g] and will be clipped",
-                    100 * outside / total, task.lo, task.hi)
+        finite = np.isfinite(slab)
+        values = slab[finite]
+        nonfinite += slab.size - values.size
+        total += values.size
+        outside += int(np.count_nonzero((values < task.lo) | (values > task.hi)))
+    return nonfinite, outside, total
 
 
 __all__ = ["load_model", "restore_file"]

@@ -79,8 +79,6 @@ class Volume:
         """The whole volume as float32 (small volumes: 2-D images, previews, tests)."""
         return next(self.slabs(0, self.shape[0]))
 
-    def count_nonfinite(self, axis: int, size: int) -> int:
-        return sum(int(np.count_nonzero(~np.isfinite(s))) for s in self.slabs(axis, size))
 
 
 def atomic_output(path: Path, suffix: str):
