@@ -52,6 +52,8 @@ SOURCES = {
     ),
 }
 
+SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "pet_fdg_template": "PET"}
+
 # Held-out slice ranges (axial index along the volume's slice axis): a gap separates them from
 # the training slices so that no neighbouring slice leaks into the test set.
 SPLITS = {
@@ -144,22 +146,33 @@ def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[
     return paths
 
 
+def clean_volume(name: str, path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A source volume as slices first [N,H,W], scaled as protocol v1 says (MRI, PET), and its voxel size."""
+    img = nib.load(path)
+    volume = np.ascontiguousarray(np.transpose(np.asarray(img.dataobj, dtype=np.float32), (2, 0, 1)))
+    modality = SOURCE_MODALITY[name]
+    if modality == "MRI":
+        volume = simulate.scale_mri(volume)
+    elif modality == "PET":
+        volume = simulate.scale_pet(volume)
+    return volume, tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
 EXAMPLES = {"ct_denoise": "ct_cranium", "mri_sr": "mri_colin27", "pet_synthesis": "pet_fdg_template"}
 
 
 def example(task: str, out: Path, cache: Path = CACHE, seed: int = 0) -> Path:
     """A real degraded volume for `task` (the held-out slices of its source, protocol v1) at `out`."""
     name = EXAMPLES[task]
-    img = nib.load(fetch(cache, (name,))[name])
-    zooms = img.header.get_zooms()[:3]
+    volume, zooms = clean_volume(name, fetch(cache, (name,))[name])
     a, b = SPLITS[name]["test"]
-    hq = np.ascontiguousarray(np.transpose(np.asarray(img.dataobj[:, :, a:b], dtype=np.float32), (2, 0, 1)))
+    hq = volume[a:b]
     if name == "ct_cranium":
-        lq, _ = simulate.simulate_ct(hq, pixel_mm=float(zooms[0]), seed=seed)
+        lq, _ = simulate.simulate_ct(hq, pixel_mm=zooms[0], seed=seed)
     elif name == "mri_colin27":
-        lq = simulate.simulate_mri(simulate.scale_mri(np.transpose(np.asarray(img.dataobj, np.float32), (2, 0, 1)))[a:b], 4)
+        lq = simulate.simulate_mri(hq, 4)
     else:
-        lq = simulate.simulate_pet(simulate.scale_pet(np.transpose(np.asarray(img.dataobj, np.float32), (2, 0, 1)))[a:b], seed=seed)
+        lq = simulate.simulate_pet(hq, seed=seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_nifti(out, np.transpose(lq, (1, 2, 0)), np.diag([*map(float, zooms), 1.0]))
@@ -186,11 +199,13 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 # --------------------------------------------------------------------------- protocol-v1 pairs
 
 
-def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed: int = 0) -> Path:
+def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed: int = 0,
+                augmented: dict[str, int] | None = None) -> Path:
     """Write the protocol-v1 paired set in the official layout under `root`.
 
     CT training slices get `ct_realizations` independent noise draws (one file each);
     MRI gets x2 and x4 pairs; every test split is one file per source and degradation.
+    `augmented` (default AUGMENTED_COPIES) adds augmented training copies, see `build_augmented`.
     """
     paths = fetch(cache)
     root = Path(root)
@@ -201,13 +216,7 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
             _save_nifti(root / modality / split / kind / f"{stem}.nii.gz", np.transpose(data, (1, 2, 0)), affine)
 
     for name, path in paths.items():
-        img = nib.load(path)
-        volume = np.transpose(np.asarray(img.dataobj, dtype=np.float32), (2, 0, 1))  # slices first
-        zooms = img.header.get_zooms()[:3]
-        if name == "mri_colin27":
-            volume = simulate.scale_mri(volume)
-        elif name == "pet_fdg_template":
-            volume = simulate.scale_pet(volume)
+        volume, zooms = clean_volume(name, path)
         for split, (a, b) in SPLITS[name].items():
             hq = volume[a:b]
             if name == "ct_cranium":
@@ -219,6 +228,57 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
                     write("MRI", split, f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
             else:
                 write("PET", split, name, simulate.simulate_pet(hq, seed=seed + (split == "test")), hq, zooms)
+    build_augmented(root, cache, copies=AUGMENTED_COPIES if augmented is None else augmented, seed=seed)
+    return root
+
+
+AUGMENTED_COPIES = {"CT": 3, "MRI": 4, "PET": 12}  # CT costs ~1 s per slice to simulate, the others ms
+
+
+def augmented_pairs(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Generator) -> tuple[dict, float]:
+    """One augmented copy of clean training slices [N,H,W] (physical units, protocol-v1 scaled).
+
+    The anatomy is zoomed in-plane (0.8 to 1.4, so the pixel size becomes `pixel_mm / zoom`) and
+    each slice turned by a random angle (cubic spline); PET also changes uptake level (gain 0.6
+    to 1.6) and resolution (Gaussian blur, sigma up to 1.2 pixel), MRI its intensity scale (0.75
+    to 1.25). Then protocol v1 degrades it afresh. Returns ({suffix: (lq, hq)}, zoom).
+    """
+    from scipy import ndimage
+
+    zoom = float(rng.uniform(0.8, 1.4))
+    zoomed = ndimage.zoom(np.asarray(hq, np.float32), (1, zoom, zoom), order=3, mode="nearest")
+    hq = np.stack([ndimage.rotate(s, rng.uniform(-45, 45), reshape=False, order=3, mode="nearest") for s in zoomed])
+    if modality == "CT":
+        lq, target = simulate.simulate_ct(hq, pixel_mm=pixel_mm / zoom, seed=int(rng.integers(2**31)))
+        return {"": (lq, target)}, zoom
+    if modality == "MRI":
+        hq = (hq.clip(0, None) * rng.uniform(0.75, 1.25)).astype(np.float32)
+        return {f"_x{s}": (simulate.simulate_mri(hq, s), hq) for s in (2, 4)}, zoom
+    gains = np.exp(rng.uniform(np.log(0.6), np.log(1.6), len(hq)))
+    hq = np.stack([ndimage.gaussian_filter(s * g, rng.uniform(0, 1.2)) for s, g in zip(hq.clip(0, None), gains)])
+    hq = hq.astype(np.float32)
+    return {"": (simulate.simulate_pet(hq, seed=int(rng.integers(2**31))), hq)}, zoom
+
+
+def build_augmented(root: Path, cache: Path = CACHE, copies: dict[str, int] = AUGMENTED_COPIES, seed: int = 0) -> Path:
+    """Write `copies[modality]` augmented copies of the training slices as `*_aug{k}` pairs under `root`.
+
+    One subject per modality is little anatomy; seen at other sizes, angles and levels, the network
+    learns the degradation rather than the training slices. Held-out slices are never touched.
+    """
+    root = Path(root)
+    for name, path in fetch(cache).items():
+        volume, zooms = clean_volume(name, path)
+        modality = SOURCE_MODALITY[name]
+        a, b = SPLITS[name]["train"]
+        for k in range(copies.get(modality, 0)):
+            rng = np.random.default_rng([seed, k, list(SOURCES).index(name)])
+            pairs, zoom = augmented_pairs(modality, volume[a:b], zooms[0], rng)
+            affine = np.diag([zooms[0] / zoom, zooms[1] / zoom, zooms[2], 1.0])
+            for suffix, (lq, hq) in pairs.items():
+                for kind, stack in (("LQ", lq), ("HQ", hq)):
+                    _save_nifti(root / modality / "train" / kind / f"{name}_aug{k}{suffix}.nii.gz",
+                                np.transpose(stack, (1, 2, 0)), affine)
     return root
 
 

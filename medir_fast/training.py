@@ -171,7 +171,8 @@ def train(
     def checkpoint() -> None:
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng),
                      "step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
-                     "lr": lr, "batch_size": batch_size, "crop": crop, "modalities": list(modalities)}, ckpt_path)
+                     "lr": lr, "batch_size": batch_size, "crop": crop, "modalities": list(modalities), "init": init,
+                     "threads": torch.get_num_threads()}, ckpt_path)
 
     losses: list[float] = []
     stop_at = step + stop_after if stop_after is not None else math.inf

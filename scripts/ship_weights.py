@@ -24,6 +24,8 @@ def main() -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("eval_json", type=Path)
     parser.add_argument("--default", action="store_true", help="make it the model load() returns by default")
+    parser.add_argument("--augmented-copies", type=json.loads, default=None,
+                        help='augmented training copies per modality the run saw, as JSON, e.g. \'{"CT": 3}\'')
     args = parser.parse_args()
 
     state = torch.load(args.run_dir / "last.pt", map_location="cpu", weights_only=True)
@@ -39,6 +41,18 @@ def main() -> int:
             "model_minus_best_baseline_psnr_db": round(methods["model"]["psnr"] - methods[best]["psnr"], 3),
         }
     sources = json.loads((data.CACHE / "sources" / "sources.json").read_text())
+    stage = {
+        "init": state.get("init"), "steps": state["step"], "training_seconds": round(state["seconds"]),
+        "batch_size": state["batch_size"], "crop": state["crop"], "lr": state["lr"],
+        "schedule": f"cosine over {state['time_budget']} min of training" if state["time_budget"] else f"cosine over {state['steps']} steps",
+        "modalities": state["modalities"], "augmented_copies": args.augmented_copies,
+        "device": f"CPU (shared 2-core machine, {state.get('threads', 1)} thread(s))",
+    }
+    stages = [stage]
+    previous = weights.manifest()["models"].get(state.get("init") or "")
+    if previous:  # fine-tuned from a shipped model: keep its history
+        stages = previous["training"].get("stages") or [{k: v for k, v in previous["training"].items() if k not in ("data", "protocol")}]
+        stages = [*stages, stage]
     entry = {
         "file": target.name,
         "sha256": weights.sha256(target),
@@ -48,10 +62,7 @@ def main() -> int:
             "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": data.SPLITS[name]}
                      for name, s in sources.items()},
             "protocol": "medir_fast.simulate v1",
-            "steps": state["step"], "training_seconds": round(state["seconds"]),
-            "batch_size": state["batch_size"], "crop": state["crop"], "lr": state["lr"],
-            "schedule": f"cosine over {state['time_budget']} min of training" if state["time_budget"] else f"cosine over {state['steps']} steps",
-            "modalities": state["modalities"], "device": "CPU (shared 2-core machine, 1 thread)",
+            "stages": stages,
         },
         "metrics": {"split": report.get("split"), "per_modality": metrics},
     }
