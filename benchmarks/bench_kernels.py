@@ -20,6 +20,7 @@ from medir_fast.kernels.gdfn import gdfn_gate
 from medir_fast.kernels.layernorm import add_layernorm
 from medir_fast.kernels.mdta import mdta_attention
 from medir_fast.kernels.spatial_routing import spatial_routing
+from medir_fast.kernels.spatial_routing_grouped import spatial_routing_grouped
 from medir_fast.model.amir import PROMPT_DIM, Attention, ChannelRouting, LayerNorm, SpatialRouting
 
 DT = torch.bfloat16
@@ -82,6 +83,9 @@ def cases(sides=(512, 128)):
                   w2=torch.stack([m.fc2.weight for m in ex]).to(DT).contiguous(),
                   b2=torch.stack([m.fc2.bias for m in ex]).float().contiguous())
         yield (f"spatial routing C={c}", lambda: spatial_routing(x, **kw),
+               lambda: sr(x.float(), prompt)[0], 2 * c * hw * e)
+        # The other design (sorted by expert, grouped GEMM); the faster one stays in the backend.
+        yield (f"spatial routing grouped C={c}", lambda: spatial_routing_grouped(x, **kw),
                lambda: sr(x.float(), prompt)[0], 2 * c * hw * e)
 
 

@@ -24,6 +24,8 @@ from medir_fast.kernels.gdfn import _gdfn_gate_kernel  # noqa: E402
 from medir_fast.kernels.layernorm import _layernorm_kernel  # noqa: E402
 from medir_fast.kernels.mdta import _attn_v_kernel, _gram_kernel, _softmax_kernel  # noqa: E402
 from medir_fast.kernels.spatial_routing import _spatial_routing_kernel  # noqa: E402
+from medir_fast.kernels.spatial_routing_grouped import (  # noqa: E402
+    _combine_kernel, _gating_kernel, _grouped_experts_kernel)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # fp16 compiles through the same tensor-core path as bf16; checking one of them is enough.
@@ -65,6 +67,15 @@ def cases():
                    dict(x_ptr=dt, gate_bias_ptr="fp32", wg_ptr="fp32", w1_ptr=dt, b1_ptr="fp32", w2_ptr=dt,
                         b2_ptr="fp32", out_ptr="fp32", topk_ptr="i32"),
                    dict(E=4, STORE_TOPK=True, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_H=64, **mma), warps)
+            yield (f"spatial routing grouped: experts {dt} C<={block_c}", _grouped_experts_kernel,
+                   dict(x_ptr=dt, rows_ptr="i64", tile_expert_ptr="i32", log_gates_ptr="fp32", w1_ptr=dt,
+                        b1_ptr="fp32", w2_ptr=dt, b2_ptr="fp32", z_ptr="fp32"),
+                   dict(BLOCK_M=block_p, BLOCK_C=block_c, BLOCK_H=64, **mma), warps)
+        yield (f"spatial routing grouped: gating {dt}", _gating_kernel,
+               dict(x_ptr=dt, gate_bias_ptr="fp32", wg_ptr="fp32", experts_ptr="i32", log_gates_ptr="fp32"),
+               dict(E=4, BLOCK_P=64, BLOCK_C=64), 4)
+        yield (f"spatial routing grouped: combine {dt}", _combine_kernel,
+               dict(z_ptr="fp32", x_ptr=dt, out_ptr="fp32"), dict(BLOCK_P=64, BLOCK_C=64), 4)
     yield ("mdta softmax", _softmax_kernel, dict(gram_ptr="fp32", norm_ptr="fp32", temp_ptr="fp32",
                                                  attn_ptr="fp32"), dict(BLOCK_CH=64), 4)
 
