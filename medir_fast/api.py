@@ -56,7 +56,7 @@ def restore_file(
 ) -> Path:
     """Restore a NIfTI volume (or 2-D image) into a new NIfTI file with the same geometry.
 
-    restorer_options go to `Restorer` (backend, device, precision, batch_size, tile).
+    restorer_options go to `Restorer` (backend, device, precision, batch_size, tile, self_ensemble).
     stream: run the slices through the C++ streaming runtime (file reading overlaps compute).
     progress, if given, is called as progress(total_slices, axis) and returns a per-batch
     callback taking the number of slices done.

@@ -97,6 +97,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="slices per network call")
     p.add_argument("--tile", type=int, default=None,
                    help="cut slices into NxN overlapping tiles (multiple of 8); default: whole slices")
+    p.add_argument("--self-ensemble", action="store_true",
+                   help="average over the 8 flips and quarter turns of each slice (8x slower, slightly better)")
     p.add_argument("--axis", type=int, default=None,
                    help="voxel axis to slice along (default: the one closest to superior-inferior)")
     p.add_argument("--scale", type=int, choices=[2, 4], default=None,
@@ -128,7 +130,7 @@ def run_infer(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, preview=args.preview, stream=args.stream,
         progress=_progress_factory(sys.stderr.isatty()),
         backend=args.backend, device=args.device, precision=args.precision,
-        batch_size=args.batch_size, tile=args.tile,
+        batch_size=args.batch_size, tile=args.tile, self_ensemble=args.self_ensemble,
     )
     print(path)
     return 0

@@ -93,6 +93,8 @@ class Restorer:
     N/4 and cross-faded. AMIR's attention and task prompt are global over the input, so tiling
     changes the result slightly (see README). On CUDA a slice that does not fit in memory is
     retried tiled automatically, with a warning.
+    self_ensemble: average the network's output over the 8 flips and quarter turns of each
+    slice (each undone before averaging): 8x the compute for a small, free gain in PSNR.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Restorer:
         precision: str = "auto",
         batch_size: int = 8,
         tile: int | None = None,
+        self_ensemble: bool = False,
     ):
         self.task = get_task(task) if isinstance(task, str) else task
         self.device = resolve_device(device)
@@ -114,6 +117,7 @@ class Restorer:
             raise ValueError(f"tile must be a multiple of {MULTIPLE} and >= {MIN_NETWORK_SIZE}, got {tile}")
         self.batch_size = batch_size
         self.tile = tile
+        self.self_ensemble = self_ensemble
         self.backend = make_backend(backend, model, self.device, self.dtype)
         log.info("backend %s on %s, %s", self.backend.name, self.device, str(self.dtype).replace("torch.", ""))
 
@@ -134,6 +138,17 @@ class Restorer:
         return out
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self.self_ensemble:
+            return self._run_once(batch)
+        total = torch.zeros_like(batch)
+        for turns in range(4):
+            for flip in (False, True):
+                x = torch.rot90(batch, turns, (-2, -1))
+                y = self._run_once((x.flip(-1) if flip else x).contiguous())
+                total += torch.rot90(y.flip(-1) if flip else y, -turns, (-2, -1))
+        return total / 8
+
+    def _run_once(self, batch: torch.Tensor) -> torch.Tensor:
         if self.tile is not None:
             return self._run_tiled(batch, self.tile)
         try:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import MODALITY_TASK, DataError, PairedVolume, read_pairs
+from .data import MODALITY_TASK, PairedVolume, read_pairs
 from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, read_state_dict
 from .tasks import get_task
 
@@ -52,17 +52,25 @@ def resolve_config(spec: str) -> dict:
 # --------------------------------------------------------------------------- batches
 
 
+def _pad_to(stack: np.ndarray, size: int) -> np.ndarray:
+    """Mirror-pad (slices, H, W) so both sides are at least `size`: a large crop still fits a small slice."""
+    pad = [(0, 0)] + [((max(size - n, 0)) // 2, (max(size - n, 0) + 1) // 2) for n in stack.shape[1:]]
+    return np.pad(stack, pad, mode="reflect") if any(p != (0, 0) for p in pad) else stack
+
+
 class PatchSampler:
-    """Random paired crops in network units ([0, 1] per task preset), tasks interleaved."""
+    """Random paired crops in network units ([0, 1] per task preset), tasks interleaved.
+
+    Slices smaller than the crop are mirror-padded (input and target alike), so that late
+    training can use crops near the full slice size, as Restormer's progressive learning does.
+    """
 
     def __init__(self, pairs: list[PairedVolume], crop: int, rng: np.random.Generator):
         self.crop, self.rng = crop, rng
         self.slices: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for pair in pairs:
             task = get_task(MODALITY_TASK[pair.modality])
-            if min(pair.lq.shape[1:]) < crop:
-                raise DataError(f"{pair.modality}/{pair.name}: slices {pair.lq.shape[1:]} are smaller than the crop {crop}")
-            lq, hq = task.normalize(pair.lq).astype(np.float32), task.normalize(pair.hq).astype(np.float32)
+            lq, hq = (_pad_to(task.normalize(x).astype(np.float32), crop) for x in (pair.lq, pair.hq))
             self.slices.setdefault(pair.modality, []).extend(zip(lq, hq))
         self.modalities = sorted(self.slices)
 

@@ -46,6 +46,16 @@ def test_default_output_name_beside_input(tmp_path, capsys, ct_volume, tiny_weig
     assert stdout.strip() == str(tmp_path / "ct_ct_denoise.nii.gz")
 
 
+def test_self_ensemble_flag_reaches_the_network(tmp_path, capsys, ct_volume, tiny_weights):
+    outs = {}
+    for flag in ([], ["--self-ensemble"]):
+        out = tmp_path / f"o{len(flag)}.nii.gz"
+        code, _, err = run_cli(capsys, "infer", ct_volume, "-o", out, "--task", "ct_denoise", "--weights", tiny_weights, *flag)
+        assert code == 0, err
+        outs[bool(flag)] = np.asarray(nib.load(out).dataobj)
+    assert outs[True].shape == outs[False].shape and not np.allclose(outs[True], outs[False])
+
+
 def _text_file(t):
     (t / "x.txt").write_text("hello")
     return t / "x.txt"

@@ -135,3 +135,21 @@ def test_mri_sr_upsampling_changes_the_grid(tiny_model):
     x = np.random.default_rng(7).uniform(0, 4095, size=(2, 12, 20)).astype(np.float32)
     out = Restorer(tiny_model, "mri_sr").restore_slices(x, scale=2)
     assert out.shape == (2, 24, 40)
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 40), (1, 33, 17)])
+def test_self_ensemble_averages_the_eight_turns_and_flips(tiny_model, shape):
+    """Averaged over the dihedral group with each transform undone, the result commutes with
+    turning and flipping the input, which the plain network does not."""
+    x = np.random.default_rng(3).random(shape, dtype=np.float32)
+    plain = Restorer(tiny_model, "ct_denoise", backend="eager")
+    ensemble = Restorer(tiny_model, "ct_denoise", backend="eager", self_ensemble=True)
+    out = ensemble.restore_normalized(x)
+    expected = np.mean([np.rot90(reference_padded(tiny_model, np.ascontiguousarray(np.rot90(x, k, (1, 2)))), -k, (1, 2))
+                        for k in range(4)] +
+                       [np.rot90(reference_padded(tiny_model, np.ascontiguousarray(np.rot90(x, k, (1, 2))[..., ::-1]))[..., ::-1], -k, (1, 2))
+                        for k in range(4)], axis=0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    turned = np.ascontiguousarray(np.rot90(x, 1, (1, 2))[..., ::-1])
+    np.testing.assert_allclose(ensemble.restore_normalized(turned), np.rot90(out, 1, (1, 2))[..., ::-1], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(plain.restore_normalized(turned), np.rot90(plain.restore_normalized(x), 1, (1, 2))[..., ::-1], atol=1e-4)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from medir_fast import training
 from medir_fast.data import read_pairs
 from medir_fast.model import AMIR
+from medir_fast.tasks import get_task
 
 from .conftest import TINY
 
@@ -97,3 +98,18 @@ def test_cli_bad_options_are_one_line_errors(layout, tmp_path, capsys, flags, me
     assert training.run(args) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_crops_larger_than_the_slices_are_mirror_padded_pairs(layout):
+    """A 48-pixel crop of 40-pixel slices: input and target padded alike, the data kept in the middle."""
+    pairs = read_pairs(layout, "train")
+    sampler = training.PatchSampler(pairs, 48, np.random.default_rng(0))
+    lq, hq = sampler.batch(6)
+    assert lq.shape == hq.shape == (6, 1, 48, 48)
+    assert float((lq - hq).abs().mean()) < 0.1  # the fixture's LQ is HQ plus mild noise: still paired
+    pet = next(p for p in pairs if p.modality == "PET")
+    padded_lq, padded_hq = sampler.slices["PET"][0]
+    assert padded_hq.shape == (48, 48)
+    np.testing.assert_allclose(padded_hq[4:44, 4:44], get_task("pet_synthesis").normalize(pet.hq[0]), rtol=1e-6)
+    np.testing.assert_allclose(padded_lq[4:44, 4:44], get_task("pet_synthesis").normalize(pet.lq[0]), rtol=1e-6)
+    np.testing.assert_array_equal(padded_hq[3], padded_hq[5])  # mirrored about the first data row
