@@ -54,7 +54,8 @@ def resolve_config(spec: str) -> dict:
 
 def _pad_to(stack: np.ndarray, size: int) -> np.ndarray:
     """Mirror-pad (slices, H, W) so both sides are at least `size`: a large crop still fits a small slice."""
-    pad = [(0, 0)] + [((max(size - n, 0)) // 2, (max(size - n, 0) + 1) // 2) for n in stack.shape[1:]]
+    short = [max(size - n, 0) for n in stack.shape[1:]]
+    pad = [(0, 0)] + [(k // 2, k - k // 2) for k in short]
     return np.pad(stack, pad, mode="reflect") if any(p != (0, 0) for p in pad) else stack
 
 
