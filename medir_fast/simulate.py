@@ -34,8 +34,8 @@ _ANGLE_CHUNK = 45  # views per grid_sample call: bounds memory at ~D*D*45 sample
 # --------------------------------------------------------------------------- CT projector
 
 
-def _angles(n_views: int = CT_VIEWS) -> torch.Tensor:
-    return torch.arange(n_views, dtype=torch.float64) * (math.pi / n_views)
+def _angles(n_views: int, device) -> torch.Tensor:
+    return torch.arange(n_views, dtype=torch.float64, device=device) * (math.pi / n_views)
 
 
 def radon(image: torch.Tensor, n_views: int = CT_VIEWS) -> torch.Tensor:
@@ -50,9 +50,10 @@ def radon(image: torch.Tensor, n_views: int = CT_VIEWS) -> torch.Tensor:
     pads = [(d // 2 - s // 2, d - s - (d // 2 - s // 2)) for s in (h, w)]
     padded = F.pad(image, (*pads[1], *pads[0]))[:, None]  # [B,1,D,D]
     c = d // 2
-    ys, xs = torch.meshgrid(torch.arange(d, dtype=torch.float64), torch.arange(d, dtype=torch.float64), indexing="ij")
+    axis = torch.arange(d, dtype=torch.float64, device=image.device)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
     out = []
-    for chunk in _angles(n_views).split(_ANGLE_CHUNK):
+    for chunk in _angles(n_views, image.device).split(_ANGLE_CHUNK):
         cos, sin = chunk.cos()[:, None, None], chunk.sin()[:, None, None]
         # skimage's inverse map: output (x, y) samples the input at R (x - c, y - c) + c.
         x_in = cos * (xs - c) + sin * (ys - c) + c
@@ -64,13 +65,13 @@ def radon(image: torch.Tensor, n_views: int = CT_VIEWS) -> torch.Tensor:
     return torch.cat(out, 1).transpose(1, 2)
 
 
-def _ramp_filter(size: int, dtype) -> torch.Tensor:
+def _ramp_filter(size: int, dtype, device) -> torch.Tensor:
     """skimage's ramp filter: the spatially sampled ramp, so no DC offset."""
     n = np.concatenate((np.arange(1, size / 2 + 1, 2, dtype=int), np.arange(size / 2 - 1, 0, -2, dtype=int)))
     f = np.zeros(size)
     f[0] = 0.25
     f[1::2] = -1 / (np.pi * n) ** 2
-    return torch.as_tensor(2 * np.real(np.fft.fft(f)), dtype=dtype)
+    return torch.as_tensor(2 * np.real(np.fft.fft(f)), dtype=dtype, device=device)
 
 
 def iradon(sinogram: torch.Tensor, output_size: int) -> torch.Tensor:
@@ -78,13 +79,13 @@ def iradon(sinogram: torch.Tensor, output_size: int) -> torch.Tensor:
     b, d, n_views = sinogram.shape
     size = max(64, int(2 ** math.ceil(math.log2(2 * d))))
     spectrum = torch.fft.fft(F.pad(sinogram, (0, 0, 0, size - d)), dim=1)
-    filtered = torch.fft.ifft(spectrum * _ramp_filter(size, sinogram.dtype)[:, None], dim=1).real[:, :d]
+    filtered = torch.fft.ifft(spectrum * _ramp_filter(size, sinogram.dtype, sinogram.device)[:, None], dim=1).real[:, :d]
     filtered = filtered.transpose(1, 2)  # [B,views,D]
     radius = output_size // 2
-    grid = torch.arange(output_size, dtype=torch.float64) - radius
+    grid = torch.arange(output_size, dtype=torch.float64, device=sinogram.device) - radius
     xpr, ypr = torch.meshgrid(grid, grid, indexing="ij")
     recon = sinogram.new_zeros(b, output_size * output_size)
-    for start, chunk in zip(range(0, n_views, _ANGLE_CHUNK), _angles(n_views).split(_ANGLE_CHUNK)):
+    for start, chunk in zip(range(0, n_views, _ANGLE_CHUNK), _angles(n_views, sinogram.device).split(_ANGLE_CHUNK)):
         t = ypr[None] * chunk.cos()[:, None, None] - xpr[None] * chunk.sin()[:, None, None] + d // 2
         t = t.reshape(len(chunk), -1)  # detector coordinate of every pixel, per view
         i0 = t.floor().long()

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import MODALITY_TASK, PairedVolume, read_pairs
+from .data import MODALITY_TASK, PairedVolume, fresh_pairs, read_pairs
 from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, read_state_dict
 from .tasks import get_task
 
@@ -62,21 +63,25 @@ def _pad_to(stack: np.ndarray, size: int) -> np.ndarray:
 class PatchSampler:
     """Random paired crops in network units ([0, 1] per task preset), tasks interleaved.
 
-    Slices smaller than the crop are mirror-padded (input and target alike), so that late
-    training can use crops near the full slice size, as Restormer's progressive learning does.
+    `crop` is one side for all tasks or one per modality: super-resolution gains from context
+    (large crops), denoising from many small ones. Slices smaller than the crop are
+    mirror-padded (input and target alike), so crops may come near the full slice size, as in
+    Restormer's progressive learning.
     """
 
-    def __init__(self, pairs: list[PairedVolume], crop: int, rng: np.random.Generator):
-        self.crop, self.rng = crop, rng
+    def __init__(self, pairs: list[PairedVolume], crop: int | dict[str, int], rng: np.random.Generator):
+        self.rng = rng
         self.slices: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for pair in pairs:
             task = get_task(MODALITY_TASK[pair.modality])
-            lq, hq = (_pad_to(task.normalize(x).astype(np.float32), crop) for x in (pair.lq, pair.hq))
+            size = crop if isinstance(crop, int) else crop[pair.modality]
+            lq, hq = (_pad_to(task.normalize(x).astype(np.float32), size) for x in (pair.lq, pair.hq))
             self.slices.setdefault(pair.modality, []).extend(zip(lq, hq))
         self.modalities = sorted(self.slices)
+        self.crops = {m: crop if isinstance(crop, int) else crop[m] for m in self.modalities}
 
     def _crop(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        stack, c = self.slices[modality], self.crop
+        stack, c = self.slices[modality], self.crops[modality]
         for _ in range(10):  # prefer crops with anatomy in them over pure background
             lq, hq = stack[self.rng.integers(len(stack))]
             r, s = self.rng.integers(hq.shape[0] - c + 1), self.rng.integers(hq.shape[1] - c + 1)
@@ -89,12 +94,40 @@ class PatchSampler:
             lq, hq = lq[:, ::-1], hq[:, ::-1]
         return lq, hq
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`size` crops as (input, target) tensors [n,1,c,c], one pair per crop size c."""
         start = self.rng.integers(len(self.modalities))
-        crops = [self._crop(self.modalities[(start + i) % len(self.modalities)]) for i in range(size)]
-        lq = torch.from_numpy(np.stack([c[0] for c in crops]).copy())[:, None]
-        hq = torch.from_numpy(np.stack([c[1] for c in crops]).copy())[:, None]
-        return lq, hq
+        groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for i in range(size):
+            modality = self.modalities[(start + i) % len(self.modalities)]
+            groups.setdefault(self.crops[modality], []).append(self._crop(modality))
+        stack = lambda crops, j: torch.from_numpy(np.stack([c[j] for c in crops]).copy())[:, None]
+        return [(stack(crops, 0), stack(crops, 1)) for crops in groups.values()]
+
+
+class FreshPairStream:
+    """Pools of protocol-v1 pairs degraded afresh (`data.fresh_pairs`), one ready ahead of use.
+
+    The next pool is simulated in a background thread while the current one trains, so a GPU
+    run does not wait for the CT projector; each pool's seed comes from the run's generator.
+    """
+
+    def __init__(self, slices: int, rng: np.random.Generator, modalities: tuple[str, ...], device: str):
+        self.slices, self.rng, self.modalities, self.device = slices, rng, modalities, device
+        self.worker = ThreadPoolExecutor(max_workers=1)
+        self.pending = self._submit()
+
+    def _submit(self) -> Future:
+        seed = int(self.rng.integers(2**63))
+        return self.worker.submit(fresh_pairs, self.slices, np.random.default_rng(seed), self.modalities, self.device)
+
+    def next(self) -> list[PairedVolume]:
+        pairs = self.pending.result()
+        self.pending = self._submit()
+        return pairs
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -129,12 +162,12 @@ def cosine_lr(lr: float, progress: float) -> float:
 
 
 def train(
-    data_root: str | Path,
+    data_root: str | Path | None,
     out_dir: str | Path,
     config: dict,
     steps: int | None = None,
     batch_size: int = 6,
-    crop: int = 64,
+    crop: int | dict[str, int] = 64,
     lr: float = 2e-4,
     device: str = "cpu",
     seed: int = 0,
@@ -145,8 +178,15 @@ def train(
     stop_after: int | None = None,
     modalities: tuple[str, ...] = tuple(MODALITY_TASK),
     progress: bool = True,
+    simulate: bool = False,
+    pool_slices: int = 24,
+    refresh_every: int = 100,
 ) -> dict:
     """Train (or fine-tune from `init`) and return a summary; `out_dir/last.pt` holds the state.
+
+    With `simulate`, the pairs are not read from `data_root` but degraded afresh from the cached
+    protocol-v1 source volumes (`pool_slices` slices per source, a new pool every `refresh_every`
+    steps), so the network never sees the same noise twice.
 
     The cosine schedule runs over `steps` optimizer steps or, with `time_budget` (minutes),
     over that much training time, so that a run on a slow or shared machine still anneals
@@ -159,7 +199,7 @@ def train(
     ckpt_path = out_dir / "last.pt"
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    sampler = PatchSampler(read_pairs(data_root, "train", modalities), crop, rng)
+    pairs = None if simulate else read_pairs(data_root, "train", modalities)
 
     model = build_model(_init_state_dict(init), config, source=init) if init else AMIR(**config)
     model = model.to(device).train()
@@ -173,6 +213,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(rng, state["rng"])
         step, seconds = state["step"], state["seconds"]
+    stream = FreshPairStream(pool_slices, rng, modalities, device) if simulate else None
+    sampler = PatchSampler(stream.next() if stream else pairs, crop, rng)
 
     def done_fraction() -> float:
         return step / steps if steps is not None else seconds / (time_budget * 60)
@@ -181,6 +223,7 @@ def train(
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng),
                      "step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
                      "lr": lr, "batch_size": batch_size, "crop": crop, "modalities": list(modalities), "init": init,
+                     "data": "protocol-v1 degraded afresh" if simulate else str(data_root),
                      "threads": torch.get_num_threads()}, ckpt_path)
 
     losses: list[float] = []
@@ -192,22 +235,28 @@ def train(
         t0 = time.monotonic()
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(lr, done_fraction())
-        lq, hq = (t.to(device) for t in sampler.batch(batch_size))
-        out, balance = model(lq)
-        loss = F.l1_loss(out, hq) + LOAD_BALANCING_WEIGHT * balance
+        if stream and step % refresh_every == 0 and losses:
+            sampler = PatchSampler(stream.next(), crop, rng)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value = 0.0
+        for lq, hq in sampler.batch(batch_size):  # one forward per crop size, gradients summed
+            out, balance = model(lq.to(device))
+            loss = len(lq) / batch_size * (F.l1_loss(out, hq.to(device)) + LOAD_BALANCING_WEIGHT * balance)
+            loss.backward()
+            loss_value += loss.item()
         optimizer.step()
         step += 1
         dt = time.monotonic() - t0
         seconds += dt
-        losses.append(loss.item())
+        losses.append(loss_value)
         bar.update(1 if steps else dt)
         bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{batch_size / dt:.1f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         if step % save_every == 0:
             checkpoint()
     bar.close()
+    if stream:
+        stream.close()
     checkpoint()
     return {"step": step, "seconds": seconds, "losses": losses, "checkpoint": str(ckpt_path), "finished": done_fraction() >= 1}
 
@@ -231,13 +280,18 @@ def export_weights(checkpoint: str | Path, out: str | Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="paired data root: ROOT/{CT,MRI,PET}/train/{LQ,HQ}/*.nii[.gz]")
+    parser.add_argument("data", nargs="?", help="paired data root: ROOT/{CT,MRI,PET}/train/{LQ,HQ}/*.nii[.gz]")
+    parser.add_argument("--simulate", action="store_true",
+                        help="instead of DATA: protocol-v1 pairs degraded afresh from the cached source volumes")
+    parser.add_argument("--pool-slices", type=int, default=24, help="with --simulate: slices per source in each pool")
+    parser.add_argument("--refresh-every", type=int, default=100, help="with --simulate: steps between new pools")
     parser.add_argument("--out", required=True, help="output folder (checkpoint last.pt, weights.pth)")
     parser.add_argument("--config", default="slim", help=f"model size: {', '.join(CONFIGS)}, a .json file or inline JSON")
     parser.add_argument("--steps", type=int, help="total optimizer steps of the cosine schedule (default 20000)")
     parser.add_argument("--time-budget", type=float, help="instead of --steps: minutes of training the cosine schedule spans")
     parser.add_argument("--batch-size", type=int, default=6)
-    parser.add_argument("--crop", type=int, default=64, help="square crop side, a multiple of 8")
+    parser.add_argument("--crop", default="64",
+                        help="square crop side, a multiple of 8; or one per modality: CT=64,MRI=128,PET=64")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
@@ -249,24 +303,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def parse_crop(spec: str, modalities: tuple[str, ...]) -> int | dict[str, int]:
+    """`--crop`: "64" for every modality, or "CT=64,MRI=128,PET=64" naming each one trained."""
+    error = ValueError(f"--crop must be a side (a multiple of 8, at least 16) or one per modality "
+                       f"like CT=64,MRI=128,PET=64; got {spec!r}")
+    try:
+        sides = dict((m.strip().upper(), int(c)) for m, c in (part.split("=") for part in spec.split(","))) \
+            if "=" in spec else {m: int(spec) for m in modalities}
+    except ValueError:
+        raise error from None
+    if set(sides) != set(modalities) or any(c % 8 or c < 16 for c in sides.values()):
+        raise error
+    return sides if "=" in spec else sides[modalities[0]]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modalities = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
     bad = [m for m in modalities if m not in MODALITY_TASK]
     try:
-        if args.crop % 8 or args.crop < 16:
-            raise ValueError(f"--crop must be a multiple of 8 and at least 16, got {args.crop}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device} asked for, but this torch build sees no CUDA device")
+        if (args.data is None) == (not args.simulate):
+            raise ValueError("give either a paired data folder or --simulate")
+        if args.pool_slices < 2 or args.refresh_every < 1:
+            raise ValueError("--pool-slices must be at least 2 and --refresh-every at least 1")
         if bad or not modalities:
             raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
+        crop = parse_crop(args.crop, modalities)
         config = resolve_config(args.config)
         if args.steps is not None and args.time_budget is not None:
             raise ValueError("give --steps or --time-budget, not both")
         steps = args.steps if args.steps is not None or args.time_budget is not None else 20000
-        summary = train(args.data, args.out, config, steps, args.batch_size, args.crop, args.lr, args.device,
-                        args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities)
+        summary = train(args.data, args.out, config, steps, args.batch_size, crop, args.lr, args.device,
+                        args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities,
+                        simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every)
     except (ValueError, OSError) as exc:  # DataError, CheckpointError and WeightsError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 1

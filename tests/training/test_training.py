@@ -23,7 +23,7 @@ def _held_out_l1(state_dict, layout) -> float:
     model.load_state_dict(state_dict)
     sampler = training.PatchSampler(read_pairs(layout, "test"), 32, np.random.default_rng(123))
     torch.manual_seed(0)
-    lq, hq = sampler.batch(6)
+    [(lq, hq)] = sampler.batch(6)
     with torch.no_grad():
         return float(F.l1_loss(model.eval()(lq), hq))
 
@@ -104,7 +104,7 @@ def test_crops_larger_than_the_slices_are_mirror_padded_pairs(layout):
     """A 48-pixel crop of 40-pixel slices: input and target padded alike, the data kept in the middle."""
     pairs = read_pairs(layout, "train")
     sampler = training.PatchSampler(pairs, 48, np.random.default_rng(0))
-    lq, hq = sampler.batch(6)
+    [(lq, hq)] = sampler.batch(6)
     assert lq.shape == hq.shape == (6, 1, 48, 48)
     assert float((lq - hq).abs().mean()) < 0.1  # the fixture's LQ is HQ plus mild noise: still paired
     pet = next(p for p in pairs if p.modality == "PET")
