@@ -220,11 +220,15 @@ def train(
         return step / steps if steps is not None else seconds / (time_budget * 60)
 
     def checkpoint() -> None:
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng),
-                     "step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
-                     "lr": lr, "batch_size": batch_size, "crop": crop, "modalities": list(modalities), "init": init,
-                     "data": "protocol-v1 degraded afresh" if simulate else str(data_root),
-                     "threads": torch.get_num_threads()}, ckpt_path)
+        record = {"step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
+                  "lr": lr, "batch_size": batch_size, "crop": crop, "modalities": list(modalities), "init": init,
+                  "data": f"protocol-v1 degraded afresh ({pool_slices} slices per source, new every {refresh_every} steps)"
+                  if simulate else str(data_root), "threads": torch.get_num_threads(), "device": _device_name(device)}
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng), **record},
+                    ckpt_path)
+        tmp = out_dir / ".run.json.tmp"  # the same facts without tensors, for manifests and logs
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, out_dir / "run.json")
 
     losses: list[float] = []
     stop_at = step + stop_after if stop_after is not None else math.inf
@@ -259,6 +263,12 @@ def train(
         stream.close()
     checkpoint()
     return {"step": step, "seconds": seconds, "losses": losses, "checkpoint": str(ckpt_path), "finished": done_fraction() >= 1}
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def _init_state_dict(init: str) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@
 # several settings side by side in one short session, each given as "NAME: train options".
 # Needs python3 with PyTorch (CUDA), numpy, scipy, tqdm; nibabel is taken from ./.whl if missing.
 # Source volumes come from $MEDIR_FAST_CACHE/sources (default ./.gpu-cache, a copy of the cache's
-# `sources/`, since such a machine may be offline). Weights and logs go to $OUT (default runs/gpu).
+# `sources/`, since such a machine may be offline). Weights, run records (NAME.json) and logs go
+# to $OUT (default runs/gpu).
 # Usage: MINUTES=6.5 bash scripts/gpu_train.sh "A: --crop 96 --batch-size 24 --lr 1e-4" \
 #                                             "B: --crop 64 --batch-size 48 --lr 2e-4"
 set -uo pipefail
@@ -42,7 +43,7 @@ train() {  # name, then train options
   python3 -m medir_fast.cli train --simulate --init default --device cuda --threads 4 --time-budget "$MINUTES" \
       --pool-slices 48 --refresh-every 50 --save-every 500 --out "/tmp/runs/$name" "$@" 2>&1 \
     | tr '\r' '\n' | awk '!/s of training/ || NR % 100 == 0' > "$OUT/$name.log"
-  cp "/tmp/runs/$name/weights.pth" "$OUT/$name.pth"
+  cp "/tmp/runs/$name/weights.pth" "$OUT/$name.pth" && cp "/tmp/runs/$name/run.json" "$OUT/$name.json"
 }
 names=()
 for run in "$@"; do

@@ -1,7 +1,9 @@
 """Put a trained model into the package: weights file + manifest entry (config, sha256, training, metrics).
 
 Usage: python scripts/ship_weights.py NAME RUN_DIR EVAL_JSON [--default]
-RUN_DIR holds `last.pt` from `medir-fast train`; EVAL_JSON is `medir-fast eval --json` on held-out data.
+RUN_DIR is a `medir-fast train --out` folder: `weights.pth` and `run.json` (or, from older runs,
+`last.pt` alone); EVAL_JSON is `medir-fast eval --json` on held-out data. The manifest keeps the
+whole training history: the stages of the shipped model or run folder each run started from.
 """
 
 import argparse
@@ -18,6 +20,46 @@ from medir_fast.evaluate import best_baseline  # noqa: E402
 from medir_fast.training import save_atomic  # noqa: E402
 
 
+def read_record(run_dir: Path) -> dict:
+    """The run record of a training output folder (`run.json`, or the metadata in an older `last.pt`)."""
+    if (run_dir / "run.json").is_file():
+        return json.loads((run_dir / "run.json").read_text())
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
+
+
+def read_weights(run_dir: Path) -> dict:
+    if (run_dir / "weights.pth").is_file():
+        return torch.load(run_dir / "weights.pth", map_location="cpu", weights_only=True)
+    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def stage(record: dict, augmented_copies: dict | None = None) -> dict:
+    """One manifest stage from a run record."""
+    device = record.get("device") or f"CPU (shared 2-core machine, {record.get('threads', 1)} thread(s))"
+    budget = f"{record['time_budget']} min of training" if record["time_budget"] else f"{record['steps']} steps"
+    entry = {"init": record.get("init"), "steps": record["step"], "training_seconds": round(record["seconds"]),
+             "batch_size": record["batch_size"], "crop": record["crop"], "lr": record["lr"],
+             "schedule": f"cosine over {budget}", "modalities": record["modalities"], "data": record.get("data"),
+             "augmented_copies": augmented_copies, "device": device}
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def history(init: str | None) -> list[dict]:
+    """The stages behind `init`: a shipped model's recorded ones, or a run folder's, recursively."""
+    if not init:
+        return []
+    manifest = weights.manifest()
+    shipped = manifest["models"].get(manifest["default"] if init == "default" else init)
+    if shipped:
+        return shipped["training"].get("stages") or [{k: v for k, v in shipped["training"].items() if k not in ("data", "protocol")}]
+    run_dir = Path(init).parent
+    if (run_dir / "run.json").is_file() or (run_dir / "last.pt").is_file():
+        record = read_record(run_dir)
+        return [*history(record.get("init")), stage(record)]
+    raise SystemExit(f"error: cannot trace the training history of {init!r}: neither a shipped model nor a run folder")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
@@ -28,9 +70,9 @@ def main() -> int:
                         help='augmented training copies per modality the run saw, as JSON, e.g. \'{"CT": 3}\'')
     args = parser.parse_args()
 
-    state = torch.load(args.run_dir / "last.pt", map_location="cpu", weights_only=True)
+    record, state_dict = read_record(args.run_dir), read_weights(args.run_dir)
     target = weights.HERE / f"{args.name}.pth"
-    save_atomic({k: v.contiguous() for k, v in state["model"].items()}, target)
+    save_atomic({k: v.contiguous() for k, v in state_dict.items()}, target)
     report = json.loads(args.eval_json.read_text())
     metrics = {}
     for modality, methods in report["modalities"].items():
@@ -41,23 +83,12 @@ def main() -> int:
             "model_minus_best_baseline_psnr_db": round(methods["model"]["psnr"] - methods[best]["psnr"], 3),
         }
     sources = json.loads((data.CACHE / "sources" / "sources.json").read_text())
-    stage = {
-        "init": state.get("init"), "steps": state["step"], "training_seconds": round(state["seconds"]),
-        "batch_size": state["batch_size"], "crop": state["crop"], "lr": state["lr"],
-        "schedule": f"cosine over {state['time_budget']} min of training" if state["time_budget"] else f"cosine over {state['steps']} steps",
-        "modalities": state["modalities"], "augmented_copies": args.augmented_copies,
-        "device": f"CPU (shared 2-core machine, {state.get('threads', 1)} thread(s))",
-    }
-    stages = [stage]
-    previous = weights.manifest()["models"].get(state.get("init") or "")
-    if previous:  # fine-tuned from a shipped model: keep its history
-        stages = previous["training"].get("stages") or [{k: v for k, v in previous["training"].items() if k not in ("data", "protocol")}]
-        stages = [*stages, stage]
+    stages = [*history(record.get("init")), stage(record, args.augmented_copies)]
     entry = {
         "file": target.name,
         "sha256": weights.sha256(target),
-        "config": state["config"],
-        "state_dict_elements": sum(v.numel() for v in state["model"].values()),  # parameters + 6 MoE buffers
+        "config": record["config"],
+        "state_dict_elements": sum(v.numel() for v in state_dict.values()),  # parameters + 6 MoE buffers
         "training": {
             "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": data.SPLITS[name]}
                      for name, s in sources.items()},

@@ -97,3 +97,12 @@ def test_pet_dose_reduction_is_unbiased_and_reproducible():
     raw_var = 4.0 * simulate.PET_DOSE_FACTOR  # Var(Poisson(S/f) f) = S f
     assert 0.05 * raw_var < float(noisy.var()) < 0.5 * raw_var  # the Gaussian smoothing removed most of it
     np.testing.assert_array_equal(noisy, simulate.simulate_pet(target, seed=3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the projector's GPU path)")
+def test_ct_projector_on_cuda_matches_cpu():
+    hu = np.where(np.hypot(*(np.mgrid[:48, :48] - 23.5)) < 18, 40.0, -1000.0)[None].astype(np.float32)
+    _, target_cpu = simulate.simulate_ct(hu, pixel_mm=0.9, seed=0)
+    lq_gpu, target_gpu = simulate.simulate_ct(hu, pixel_mm=0.9, seed=0, device="cuda")
+    np.testing.assert_allclose(target_gpu, target_cpu, rtol=0, atol=0.05)  # HU; float32 on both
+    assert 1 < float(np.std(lq_gpu - target_gpu)) < 200

@@ -85,6 +85,9 @@ def test_cli_trains_and_exports_loadable_weights(layout, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,message", [
     (["--crop", "30"], "multiple of 8"),
+    (["--crop", "CT=64,MRI=128"], "one per modality"),
+    (["--crop", "CT=64,MRI=big,PET=64"], "one per modality"),
+    (["--simulate"], "paired data folder or --simulate"),
     (["--config", "huge"], "--config must be"),
     (["--modalities", "CT,XR"], "subset"),
     (["--device", "cuda:0"], "CUDA"),
@@ -113,3 +116,19 @@ def test_crops_larger_than_the_slices_are_mirror_padded_pairs(layout):
     np.testing.assert_allclose(padded_hq[4:44, 4:44], get_task("pet_synthesis").normalize(pet.hq[0]), rtol=1e-6)
     np.testing.assert_allclose(padded_lq[4:44, 4:44], get_task("pet_synthesis").normalize(pet.lq[0]), rtol=1e-6)
     np.testing.assert_array_equal(padded_hq[3], padded_hq[5])  # mirrored about the first data row
+
+
+def test_crops_per_modality_come_as_one_tensor_pair_per_size(layout):
+    """Super-resolution wants context, denoising many crops: sizes per modality, tasks still interleaved."""
+    sampler = training.PatchSampler(read_pairs(layout, "train"), {"CT": 16, "MRI": 48, "PET": 16}, np.random.default_rng(0))
+    groups = sampler.batch(7)
+    sizes = sorted((lq.shape[0], lq.shape[-1]) for lq, _ in groups)
+    assert sizes in ([(2, 48), (5, 16)], [(3, 48), (4, 16)])  # 7 crops over 3 tasks from a random start
+    assert all(lq.shape == hq.shape and lq.shape[1] == 1 for lq, hq in groups)
+
+
+def test_parse_crop():
+    assert training.parse_crop("64", ("CT", "PET")) == 64
+    assert training.parse_crop("ct=64, MRI=128,PET=64", ("CT", "MRI", "PET")) == {"CT": 64, "MRI": 128, "PET": 64}
+    with pytest.raises(ValueError, match="one per modality"):
+        training.parse_crop("CT=64,MRI=128,PET=64", ("CT", "PET"))  # MRI named but not trained

@@ -1,0 +1,40 @@
+"""scripts/ship_weights.py: a model fine-tuned through unshipped runs keeps its whole history."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from medir_fast import weights
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ship_weights.py"
+spec = importlib.util.spec_from_file_location("ship_weights", SCRIPT)
+ship_weights = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ship_weights)
+
+
+def _run(folder: Path, init, step: int, device: str) -> Path:
+    folder.mkdir(parents=True)
+    record = {"step": step, "seconds": 60.0, "config": {}, "steps": None, "time_budget": 1.0, "lr": 1e-4,
+              "batch_size": 4, "crop": {"CT": 64, "MRI": 128, "PET": 64}, "modalities": ["CT", "MRI", "PET"],
+              "init": init, "data": "protocol-v1 degraded afresh", "threads": 2, "device": device}
+    (folder / "run.json").write_text(json.dumps(record))
+    return folder / "weights.pth"
+
+
+def test_history_follows_run_folders_back_to_the_shipped_model(tmp_path, monkeypatch):
+    shipped_stages = [{"steps": 10}, {"init": "slim", "steps": 20}]
+    monkeypatch.setattr(weights, "manifest", lambda: {"default": "slim", "models": {"slim": {"training": {"stages": shipped_stages}}}})
+    gpu = _run(tmp_path / "gpu", "default", 951, "NVIDIA H100 80GB HBM3")
+    cpu = _run(tmp_path / "cpu", str(gpu), 3000, "CPU (2 cores, 2 torch threads)")
+    stages = ship_weights.history(str(cpu))
+    assert [s["steps"] for s in stages] == [10, 20, 951, 3000]
+    assert stages[2]["device"] == "NVIDIA H100 80GB HBM3" and stages[3]["init"] == str(gpu)
+    assert stages[3]["schedule"] == "cosine over 1.0 min of training"
+
+
+def test_unknown_init_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "manifest", lambda: {"default": "slim", "models": {}})
+    with pytest.raises(SystemExit, match="cannot trace"):
+        ship_weights.history(str(tmp_path / "nowhere" / "weights.pth"))
