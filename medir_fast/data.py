@@ -286,7 +286,7 @@ def fresh_pairs(slices: int, rng: np.random.Generator, modalities=tuple(MODALITY
     """Protocol-v1 pairs degraded afresh from `slices` random training slices of each source.
 
     Half the slices are degraded as they are, half re-posed first (`augmented_pairs`), so that
-    training on a stream of these never sees the same noise twice. Test slices are never drawn.
+    training on a stream of these never sees the same noise twice. Only training slices are drawn.
     """
     names = [n for n in SOURCES if SOURCE_MODALITY[n] in modalities]
     pairs = []
