@@ -250,19 +250,29 @@ def augmented_pairs(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.rand
     """One augmented copy of clean training slices [N,H,W] (physical units, protocol-v1 scaled).
 
     The anatomy is zoomed in-plane (0.8 to 1.4, so the pixel size becomes `pixel_mm / zoom`) and
-    each slice turned by a random angle (cubic spline); PET also changes uptake level (gain 0.6
-    to 1.6) and resolution (Gaussian blur, sigma up to 1.2 pixel), MRI its intensity scale (0.75
-    to 1.25). Then protocol v1 degrades it afresh. Returns ({suffix: (lq, hq)}, zoom).
+    each slice turned by a random angle (cubic spline). Then it is degraded afresh, at other noise
+    levels than protocol v1's so that the network learns to follow the noise it is given: the
+    slices near the top of a head are small and faint, and one subject's training slices alone
+    hold neither. CT: a head 0.6 to 1.1 times as large (less attenuation, so less noise) and a
+    dose of 0.5 to 8 times I0; PET: uptake gain 0.25 to 1.6 (count level) and resolution
+    (Gaussian blur, sigma up to 1.2 pixel); MRI: intensity scale 0.75 to 1.25. Factors are
+    log-uniform. Returns ({suffix: (lq, hq)}, zoom).
     """
     from scipy import ndimage
 
     zoom = float(rng.uniform(0.8, 1.4))
     zoomed = ndimage.zoom(np.asarray(hq, np.float32), (1, zoom, zoom), order=3, mode="nearest")
     hq = np.stack([ndimage.rotate(s, rng.uniform(-45, 45), reshape=False, order=3, mode="nearest") for s in zoomed])
+    log_uniform = lambda lo, hi, size=None: np.exp(rng.uniform(np.log(lo), np.log(hi), size))
+    if modality == "CT":  # per slice: its own head size and dose
+        pairs = [simulate.simulate_ct(s[None], pixel_mm=pixel_mm / zoom * float(log_uniform(0.6, 1.1)),
+                                      seed=int(rng.integers(2**31)), i0=simulate.CT_I0 * float(log_uniform(0.5, 8.0)),
+                                      device=device) for s in hq]
+        return {"": tuple(np.concatenate(stack) for stack in zip(*pairs))}, zoom
     if modality == "MRI":
         hq = (hq.clip(0, None) * rng.uniform(0.75, 1.25)).astype(np.float32)
     elif modality == "PET":
-        gains = np.exp(rng.uniform(np.log(0.6), np.log(1.6), len(hq)))
+        gains = log_uniform(0.25, 1.6, len(hq))
         hq = np.stack([ndimage.gaussian_filter(s * g, rng.uniform(0, 1.2)) for s, g in zip(hq.clip(0, None), gains)])
         hq = hq.astype(np.float32)
     return degrade(modality, hq, pixel_mm / zoom, rng, device), zoom

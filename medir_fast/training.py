@@ -1,6 +1,6 @@
 """`medir-fast train`: the official all-in-one objective on paired folders.
 
-Every batch mixes the tasks (sample i comes from modality i mod 3), loss = L1 + 0.001 x the
+Every batch mixes the tasks (in turn, or in the shares `--mix` gives), loss = L1 + 0.001 x the
 routing load-balancing loss, Adam 2e-4 with a cosine schedule, random crops, flips and 90-degree
 rotations. Checkpoints (model, optimizer, schedule, step, RNG) are written atomically, so a run
 killed at any moment resumes from its last checkpoint with `--resume`.
@@ -69,7 +69,8 @@ class PatchSampler:
     Restormer's progressive learning.
     """
 
-    def __init__(self, pairs: list[PairedVolume], crop: int | dict[str, int], rng: np.random.Generator):
+    def __init__(self, pairs: list[PairedVolume], crop: int | dict[str, int], rng: np.random.Generator,
+                 mix: dict[str, int] | None = None):
         self.rng = rng
         self.slices: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for pair in pairs:
@@ -79,6 +80,8 @@ class PatchSampler:
             self.slices.setdefault(pair.modality, []).extend(zip(lq, hq))
         self.modalities = sorted(self.slices)
         self.crops = {m: crop if isinstance(crop, int) else crop[m] for m in self.modalities}
+        # batch slots cycle through this list from a random start: each modality in turn, or `mix[m]` times
+        self.turns = [m for m in self.modalities for _ in range(mix[m] if mix else 1)]
 
     def _crop(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
         stack, c = self.slices[modality], self.crops[modality]
@@ -96,10 +99,10 @@ class PatchSampler:
 
     def batch(self, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`size` crops as (input, target) tensors [n,1,c,c], one pair per crop size c."""
-        start = self.rng.integers(len(self.modalities))
+        start = self.rng.integers(len(self.turns))
         groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         for i in range(size):
-            modality = self.modalities[(start + i) % len(self.modalities)]
+            modality = self.turns[(start + i) % len(self.turns)]
             groups.setdefault(self.crops[modality], []).append(self._crop(modality))
         stack = lambda crops, j: torch.from_numpy(np.stack([c[j] for c in crops]).copy())[:, None]
         return [(stack(crops, 0), stack(crops, 1)) for crops in groups.values()]
@@ -181,12 +184,14 @@ def train(
     simulate: bool = False,
     pool_slices: int = 24,
     refresh_every: int = 100,
+    mix: dict[str, int] | None = None,
 ) -> dict:
     """Train (or fine-tune from `init`) and return a summary; `out_dir/last.pt` holds the state.
 
     With `simulate`, the pairs are not read from `data_root` but degraded afresh from the cached
     protocol-v1 source volumes (`pool_slices` slices per source, a new pool every `refresh_every`
-    steps), so the network never sees the same noise twice.
+    steps), so the network never sees the same noise twice. `mix` gives each modality's share of
+    a batch (CT=4,MRI=1,PET=2: CT's small HU residuals weigh little in an L1 over all tasks).
 
     The cosine schedule runs over `steps` optimizer steps or, with `time_budget` (minutes),
     over that much training time, so that a run on a slow or shared machine still anneals
@@ -214,14 +219,14 @@ def train(
         _set_rng_state(rng, state["rng"])
         step, seconds = state["step"], state["seconds"]
     stream = FreshPairStream(pool_slices, rng, modalities, device) if simulate else None
-    sampler = PatchSampler(stream.next() if stream else pairs, crop, rng)
+    sampler = PatchSampler(stream.next() if stream else pairs, crop, rng, mix)
 
     def done_fraction() -> float:
         return step / steps if steps is not None else seconds / (time_budget * 60)
 
     def checkpoint() -> None:
         record = {"step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
-                  "lr": lr, "batch_size": batch_size, "crop": crop, "modalities": list(modalities), "init": init,
+                  "lr": lr, "batch_size": batch_size, "crop": crop, "mix": mix, "modalities": list(modalities), "init": init,
                   "data": f"protocol-v1 degraded afresh ({pool_slices} slices per source, new every {refresh_every} steps)"
                   if simulate else str(data_root), "threads": torch.get_num_threads(), "device": _device_name(device)}
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng), **record},
@@ -240,7 +245,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(lr, done_fraction())
         if stream and step % refresh_every == 0 and losses:
-            sampler = PatchSampler(stream.next(), crop, rng)
+            sampler = PatchSampler(stream.next(), crop, rng, mix)
         optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
         for lq, hq in sampler.batch(batch_size):  # one forward per crop size, gradients summed
@@ -302,6 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--crop", default="64",
                         help="square crop side, a multiple of 8; or one per modality: CT=64,MRI=128,PET=64")
+    parser.add_argument("--mix", help="shares of a batch per modality, like CT=4,MRI=1,PET=2 (default: in turn)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
@@ -313,18 +319,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def _per_modality(spec: str, modalities: tuple[str, ...], error: ValueError) -> dict[str, int]:
+    """"CT=64,MRI=128,PET=64" -> {modality: int}, naming exactly the modalities trained."""
+    try:
+        values = dict((m.strip().upper(), int(c)) for m, c in (part.split("=") for part in spec.split(",")))
+    except ValueError:
+        raise error from None
+    if set(values) != set(modalities):
+        raise error
+    return values
+
+
 def parse_crop(spec: str, modalities: tuple[str, ...]) -> int | dict[str, int]:
     """`--crop`: "64" for every modality, or "CT=64,MRI=128,PET=64" naming each one trained."""
     error = ValueError(f"--crop must be a side (a multiple of 8, at least 16) or one per modality "
                        f"like CT=64,MRI=128,PET=64; got {spec!r}")
     try:
-        sides = dict((m.strip().upper(), int(c)) for m, c in (part.split("=") for part in spec.split(","))) \
-            if "=" in spec else {m: int(spec) for m in modalities}
+        sides = _per_modality(spec, modalities, error) if "=" in spec else {m: int(spec) for m in modalities}
     except ValueError:
         raise error from None
-    if set(sides) != set(modalities) or any(c % 8 or c < 16 for c in sides.values()):
+    if any(c % 8 or c < 16 for c in sides.values()):
         raise error
     return sides if "=" in spec else sides[modalities[0]]
+
+
+def parse_mix(spec: str | None, modalities: tuple[str, ...]) -> dict[str, int] | None:
+    """`--mix`: whole-number shares of each batch, like CT=4,MRI=1,PET=2; None means one each, in turn."""
+    if spec is None:
+        return None
+    error = ValueError(f"--mix must give a whole share of at least 1 to each modality trained, like "
+                       f"{','.join(f'{m}=1' for m in modalities)}; got {spec!r}")
+    shares = _per_modality(spec, modalities, error)
+    if any(v < 1 for v in shares.values()):
+        raise error
+    return shares
 
 
 def run(args: argparse.Namespace) -> int:
@@ -342,13 +370,14 @@ def run(args: argparse.Namespace) -> int:
         if bad or not modalities:
             raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
         crop = parse_crop(args.crop, modalities)
+        mix = parse_mix(args.mix, modalities)
         config = resolve_config(args.config)
         if args.steps is not None and args.time_budget is not None:
             raise ValueError("give --steps or --time-budget, not both")
         steps = args.steps if args.steps is not None or args.time_budget is not None else 20000
         summary = train(args.data, args.out, config, steps, args.batch_size, crop, args.lr, args.device,
                         args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities,
-                        simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every)
+                        simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every, mix=mix)
     except (ValueError, OSError) as exc:  # DataError, CheckpointError and WeightsError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -42,6 +42,25 @@ def test_ct_copy_keeps_hounsfield_units():
     assert 1 < float((lq - target)[0, c - r:c + r, c - r:c + r].std()) < 200  # low-dose noise is there
 
 
+def test_ct_copies_vary_dose_and_head_size_per_slice():
+    """The network must see quieter CT than protocol v1's (small, top-of-head slices): noise differs per slice."""
+    yy, xx = np.mgrid[:48, :48] - 23.5
+    disks = np.repeat(np.where(np.hypot(yy, xx) < 18, 40.0, -1000.0)[None], 6, axis=0).astype(np.float32)
+    pairs, _ = data.augmented_pairs("CT", disks, 0.9, np.random.default_rng(3))
+    lq, target = pairs[""]
+    c = target.shape[-1] // 2
+    noise = [float((lq - target)[i, c - 6:c + 6, c - 6:c + 6].std()) for i in range(len(lq))]
+    assert max(noise) > 1.6 * min(noise), noise  # one fixed dose would give equal noise up to ~10%
+
+
+def test_pet_copies_reach_low_count_levels():
+    """Uptake gains go down to 0.25, as faint as the top slices of a brain."""
+    hq = blobs(12, 30, 30, 0.0, 8.0)
+    pairs, zoom = data.augmented_pairs("PET", hq, 1.0, np.random.default_rng(4))
+    gains = pairs[""][1].sum(axis=(1, 2)) / (hq.sum(axis=(1, 2)) * zoom**2)
+    assert gains.min() < 0.45 and gains.max() > 0.9, gains
+
+
 def test_build_writes_only_training_copies(tmp_path, monkeypatch):
     sources = {"ct_cranium": blobs(4, 24, 24, -1000.0, 1050.0), "mri_colin27": blobs(4, 24, 28, 0.0, 1500.0),
                "pet_fdg_template": blobs(4, 20, 22, 0.0, 6.0)}

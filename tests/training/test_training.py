@@ -87,6 +87,9 @@ def test_cli_trains_and_exports_loadable_weights(layout, tmp_path, capsys):
     (["--crop", "30"], "multiple of 8"),
     (["--crop", "CT=64,MRI=128"], "one per modality"),
     (["--crop", "CT=64,MRI=big,PET=64"], "one per modality"),
+    (["--mix", "CT=4,MRI=1"], "share of at least 1 to each modality"),
+    (["--mix", "CT=4,MRI=0,PET=2"], "share of at least 1 to each modality"),
+    (["--mix", "CT=a,MRI=1,PET=2"], "share of at least 1 to each modality"),
     (["--simulate"], "paired data folder or --simulate"),
     (["--config", "huge"], "--config must be"),
     (["--modalities", "CT,XR"], "subset"),
@@ -125,6 +128,17 @@ def test_crops_per_modality_come_as_one_tensor_pair_per_size(layout):
     sizes = sorted((lq.shape[0], lq.shape[-1]) for lq, _ in groups)
     assert sizes in ([(2, 48), (5, 16)], [(3, 48), (4, 16)])  # 7 crops over 3 tasks from a random start
     assert all(lq.shape == hq.shape and lq.shape[1] == 1 for lq, hq in groups)
+
+
+def test_mix_gives_each_modality_its_share_of_every_batch(layout):
+    """CT=4,MRI=1,PET=2 over a batch of 7: exactly those counts, whatever the random start."""
+    sampler = training.PatchSampler(read_pairs(layout, "train"), {"CT": 16, "MRI": 48, "PET": 24},
+                                    np.random.default_rng(0), mix={"CT": 4, "MRI": 1, "PET": 2})
+    for _ in range(5):
+        counts = sorted((lq.shape[-1], lq.shape[0]) for lq, _ in sampler.batch(7))
+        assert counts == [(16, 4), (24, 2), (48, 1)]
+    assert training.parse_mix(None, ("CT", "PET")) is None
+    assert training.parse_mix("ct=3, PET=1", ("CT", "PET")) == {"CT": 3, "PET": 1}
 
 
 def test_parse_crop():
