@@ -39,16 +39,32 @@ def stage(record: dict, augmented_copies: dict | None = None) -> dict:
     device = record.get("device") or f"CPU (shared 2-core machine, {record.get('threads', 1)} thread(s))"
     budget = f"{record['time_budget']} min of training" if record["time_budget"] else f"{record['steps']} steps"
     entry = {"init": record.get("init"), "steps": record["step"], "training_seconds": round(record["seconds"]),
-             "batch_size": record["batch_size"], "crop": record["crop"], "lr": record["lr"],
+             "batch_size": record["batch_size"], "crop": record["crop"], "mix": record.get("mix"), "lr": record["lr"],
              "schedule": f"cosine over {budget}", "modalities": record["modalities"], "data": record.get("data"),
              "augmented_copies": augmented_copies, "device": device}
     return {k: v for k, v in entry.items() if v is not None}
 
 
+def shipped_as(path: Path) -> str | None:
+    """The shipped model whose tensors equal those of the weights file `path` (re-saving changes its bytes)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name, entry in weights.manifest()["models"].items():
+        shipped = torch.load(weights.HERE / entry["file"], map_location="cpu", weights_only=True)
+        if shipped.keys() == state.keys() and all(torch.equal(shipped[k], state[k]) for k in state):
+            return name
+    return None
+
+
 def history(init: str | None) -> list[dict]:
-    """The stages behind `init`: a shipped model's recorded ones, or a run folder's, recursively."""
+    """The stages behind `init`: a shipped model's recorded ones, or a run folder's, recursively.
+
+    A run folder whose weights were shipped stands for that model: its own record's "default"
+    may have meant an earlier default.
+    """
     if not init:
         return []
+    if Path(init).is_file():
+        init = shipped_as(Path(init)) or init
     manifest = weights.manifest()
     shipped = manifest["models"].get(manifest["default"] if init == "default" else init)
     if shipped:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from medir_fast import weights
 
@@ -38,3 +39,20 @@ def test_unknown_init_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "manifest", lambda: {"default": "slim", "models": {}})
     with pytest.raises(SystemExit, match="cannot trace"):
         ship_weights.history(str(tmp_path / "nowhere" / "weights.pth"))
+
+
+def test_a_run_whose_weights_were_shipped_stands_for_that_model(tmp_path, monkeypatch):
+    """Stage 4 was shipped from a run folder recording init "default" (stage 3 then); a run from its
+    weights must not repeat stage 4 or resolve "default" to stage 4 itself."""
+    shipped_stages = [{"steps": 10}, {"init": "slim", "steps": 951}]
+    monkeypatch.setattr(weights, "HERE", tmp_path)
+    monkeypatch.setattr(weights, "manifest", lambda: {"default": "slim", "models": {
+        "slim": {"file": "slim.pth", "training": {"stages": shipped_stages}}}})
+    gpu = _run(tmp_path / "gpu", "default", 951, "NVIDIA H100 80GB HBM3")
+    tensors = {"w": torch.randn(3, 3)}
+    torch.save(tensors, gpu)
+    torch.save({k: v.clone() for k, v in tensors.items()}, tmp_path / "slim.pth")  # same tensors, other bytes
+    cpu = _run(tmp_path / "cpu", str(gpu), 5216, "CPU (2 cores, 2 torch threads)")
+    assert [s["steps"] for s in ship_weights.history(str(cpu))] == [10, 951, 5216]
+    torch.save({"w": torch.randn(3, 3)}, tmp_path / "slim.pth")  # other weights shipped: the run folder counts
+    assert [s["steps"] for s in ship_weights.history(str(cpu))] == [10, 951, 951, 5216]
