@@ -7,7 +7,7 @@ CT at 8x the dose and as a head 0.6x as large (both give less noise), PET at 0.3
 counts), next to protocol v1 itself, and scores each model against the input and the per-slice
 tuned baselines of `medir-fast eval`.
 
-    python scripts/noise_levels.py WEIGHTS [WEIGHTS ...] [--json out.json]
+    python scripts/noise_levels.py WEIGHTS [WEIGHTS ...] [--json out.json]   (a file or a shipped name)
 """
 
 import argparse
