@@ -258,7 +258,7 @@ def train(
         dt = time.monotonic() - t0
         seconds += dt
         losses.append(loss_value)
-        bar.update(1 if steps else dt)
+        bar.update(1 if steps else min(dt, bar.total - bar.n))  # a time bar must not overshoot (tqdm warns)
         bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{batch_size / dt:.1f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         if step % save_every == 0:
