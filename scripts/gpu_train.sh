@@ -8,10 +8,13 @@
 # to $OUT (default runs/gpu).
 # Usage: MINUTES=6.5 bash scripts/gpu_train.sh "A: --crop 96 --batch-size 24 --lr 1e-4" \
 #                                             "B: --crop 64 --batch-size 48 --lr 2e-4"
+# STEPS=N gives every run N steps instead of MINUTES of training; INIT= (empty) trains from scratch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
 MINUTES="${MINUTES:-6.5}"
+INIT="${INIT-default}"
+BUDGET=(--time-budget "$MINUTES"); [ -n "${STEPS:-}" ] && BUDGET=(--steps "$STEPS")
 mkdir -p "$OUT"
 export MEDIR_FAST_CACHE="${MEDIR_FAST_CACHE:-$PWD/.gpu-cache}" PYTHONUNBUFFERED=1
 if ! python3 -c "import nibabel" 2>/dev/null; then
@@ -40,7 +43,7 @@ EOF
 
 train() {  # name, then train options
   local name=$1; shift
-  python3 -m medir_fast.cli train --simulate --init default --device cuda --threads 4 --time-budget "$MINUTES" \
+  python3 -m medir_fast.cli train --simulate ${INIT:+--init "$INIT"} --device cuda --threads 4 "${BUDGET[@]}" \
       --pool-slices 48 --refresh-every 50 --save-every 500 --out "/tmp/runs/$name" "$@" 2>&1 \
     | tr '\r' '\n' | awk '!/s of training/ || NR % 100 == 0' > "$OUT/$name.log"
   cp "/tmp/runs/$name/weights.pth" "$OUT/$name.pth" && cp "/tmp/runs/$name/run.json" "$OUT/$name.json"
