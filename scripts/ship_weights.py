@@ -1,9 +1,12 @@
 """Put a trained model into the package: weights file + manifest entry (config, sha256, training, metrics).
 
-Usage: python scripts/ship_weights.py NAME RUN_DIR EVAL_JSON [--default]
+Usage: python scripts/ship_weights.py NAME RUN_DIR [RUN_DIR ...] EVAL_JSON [--default]
 RUN_DIR is a `medir-fast train --out` folder: `weights.pth` and `run.json` (or, from older runs,
-`last.pt` alone); EVAL_JSON is `medir-fast eval --json` on held-out data. The manifest keeps the
-whole training history: the stages of the shipped model or run folder each run started from.
+`last.pt` alone); EVAL_JSON is `medir-fast eval --json` on held-out data (of the shipped weights).
+Several RUN_DIRs, fine-tuned from the same weights, ship their uniform average (a "model soup");
+`ship_weights.py NAME RUN_DIR RUN_DIR ... --save-average FILE` writes that average to evaluate first.
+The manifest keeps the whole training history: the stages of the shipped model or run folder each
+run started from.
 """
 
 import argparse
@@ -45,6 +48,16 @@ def stage(record: dict, augmented_copies: dict | None = None) -> dict:
     return {k: v for k, v in entry.items() if v is not None}
 
 
+def average(records: list[dict], state_dicts: list[dict], augmented_copies: dict | None) -> tuple[dict, dict]:
+    """The uniform mean of runs fine-tuned from the same weights, and its stage (each run's stage inside)."""
+    if len({r.get("init") for r in records}) != 1 or any(r["config"] != records[0]["config"] for r in records):
+        raise SystemExit("error: only runs with the same init and config can be averaged")
+    state_dict = {k: torch.stack([sd[k] for sd in state_dicts]).mean(0) for k in state_dicts[0]}
+    entry = {"init": records[0].get("init"), "average_of": [stage(r, augmented_copies) for r in records],
+             "how": "uniform mean of every tensor of these runs' weights"}
+    return state_dict, entry
+
+
 def shipped_as(path: Path) -> str | None:
     """The shipped model whose tensors equal those of the weights file `path` (re-saving changes its bytes)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,17 +92,30 @@ def history(init: str | None) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("eval_json", type=Path)
+    parser.add_argument("paths", type=Path, nargs="+", metavar="RUN_DIR [RUN_DIR ...] EVAL_JSON")
     parser.add_argument("--default", action="store_true", help="make it the model load() returns by default")
     parser.add_argument("--augmented-copies", type=json.loads, default=None,
                         help='augmented training copies per modality the run saw, as JSON, e.g. \'{"CT": 3}\'')
+    parser.add_argument("--save-average", type=Path, metavar="FILE",
+                        help="only write the average of the RUN_DIRs to FILE (no EVAL_JSON), to evaluate it")
     args = parser.parse_args()
+    run_dirs, eval_json = (args.paths, None) if args.save_average else (args.paths[:-1], args.paths[-1])
+    if not run_dirs:
+        parser.error("give at least one RUN_DIR")
 
-    record, state_dict = read_record(args.run_dir), read_weights(args.run_dir)
+    records = [read_record(d) for d in run_dirs]
+    state_dicts = [read_weights(d) for d in run_dirs]
+    if len(records) == 1:
+        state_dict, last_stage = state_dicts[0], stage(records[0], args.augmented_copies)
+    else:
+        state_dict, last_stage = average(records, state_dicts, args.augmented_copies)
+    if args.save_average:
+        save_atomic(state_dict, args.save_average)
+        print(f"average of {len(run_dirs)} runs: {args.save_average}")
+        return 0
     target = weights.HERE / f"{args.name}.pth"
     save_atomic({k: v.contiguous() for k, v in state_dict.items()}, target)
-    report = json.loads(args.eval_json.read_text())
+    report = json.loads(eval_json.read_text())
     metrics = {}
     for modality, methods in report["modalities"].items():
         best = best_baseline(methods)
@@ -99,11 +125,11 @@ def main() -> int:
             "model_minus_best_baseline_psnr_db": round(methods["model"]["psnr"] - methods[best]["psnr"], 3),
         }
     sources = json.loads((data.CACHE / "sources" / "sources.json").read_text())
-    stages = [*history(record.get("init")), stage(record, args.augmented_copies)]
+    stages = [*history(records[0].get("init")), last_stage]
     entry = {
         "file": target.name,
         "sha256": weights.sha256(target),
-        "config": record["config"],
+        "config": records[0]["config"],
         "state_dict_elements": sum(v.numel() for v in state_dict.values()),  # parameters + 6 MoE buffers
         "training": {
             "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": data.SPLITS[name]}

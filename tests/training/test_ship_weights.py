@@ -56,3 +56,17 @@ def test_a_run_whose_weights_were_shipped_stands_for_that_model(tmp_path, monkey
     assert [s["steps"] for s in ship_weights.history(str(cpu))] == [10, 951, 5216]
     torch.save({"w": torch.randn(3, 3)}, tmp_path / "slim.pth")  # other weights shipped: the run folder counts
     assert [s["steps"] for s in ship_weights.history(str(cpu))] == [10, 951, 951, 5216]
+
+
+def test_runs_from_the_same_weights_ship_their_average(tmp_path, monkeypatch):
+    shipped_stages = [{"steps": 10}]
+    monkeypatch.setattr(weights, "manifest", lambda: {"default": "slim", "models": {"slim": {"training": {"stages": shipped_stages}}}})
+    runs = [_run(tmp_path / name, "default", step, "NVIDIA H200") for name, step in (("g", 661), ("i", 1229))]
+    tensors = [{"w": torch.randn(3, 3, dtype=torch.float64)} for _ in runs]
+    records = [json.loads((r.parent / "run.json").read_text()) for r in runs]
+    state_dict, entry = ship_weights.average(records, tensors, None)
+    torch.testing.assert_close(state_dict["w"], (tensors[0]["w"] + tensors[1]["w"]) / 2)
+    assert [s["steps"] for s in entry["average_of"]] == [661, 1229] and entry["init"] == "default"
+    other = _run(tmp_path / "other", str(runs[0]), 100, "CPU")
+    with pytest.raises(SystemExit, match="same init"):
+        ship_weights.average([*records, json.loads((other.parent / "run.json").read_text())], [*tensors, tensors[0]], None)
