@@ -21,5 +21,5 @@ train "single_${MODALITY}" "$MODALITY" &
 wait
 for run in all_in_one "single_${MODALITY}"; do
     "$PY" -m medir_fast.cli eval "$DATA" --weights "$OUT/$run/weights.pth" --modalities "$MODALITY" \
-        --no-baselines --threads 2 --json "$OUT/$run.json"
+        --no-baselines --threads 2 --json "$OUT/${run}_${MODALITY}.json"
 done
