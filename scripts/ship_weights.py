@@ -27,6 +27,8 @@ def read_record(run_dir: Path) -> dict:
     """The run record of a training output folder (`run.json`, or the metadata in an older `last.pt`)."""
     if (run_dir / "run.json").is_file():
         return json.loads((run_dir / "run.json").read_text())
+    if not (run_dir / "last.pt").is_file():
+        raise SystemExit(f"error: {run_dir} is not a training output folder (no run.json or last.pt)")
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     return {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
 
@@ -113,9 +115,11 @@ def main() -> int:
         save_atomic(state_dict, args.save_average)
         print(f"average of {len(run_dirs)} runs: {args.save_average}")
         return 0
+    if not eval_json.is_file():  # checked before anything in the package is replaced
+        raise SystemExit(f"error: no eval report at {eval_json} (medir-fast eval --json)")
+    report = json.loads(eval_json.read_text())
     target = weights.HERE / f"{args.name}.pth"
     save_atomic({k: v.contiguous() for k, v in state_dict.items()}, target)
-    report = json.loads(eval_json.read_text())
     metrics = {}
     for modality, methods in report["modalities"].items():
         best = best_baseline(methods)
