@@ -30,7 +30,8 @@ setup(
         "numpy>=1.24",
         "nibabel>=5.0",
         "tqdm>=4.60",
-        "pillow>=9.0",
+        "pillow>=9.0",  # also decodes the JPEG 2000 CT slice of the other-volume test set
+        "pydicom>=3.0",  # the other patients' CT slices (DICOM) in the other-volume test set
         "scipy>=1.10",  # PET simulation and the Gaussian baseline
     ],
     extras_require={

