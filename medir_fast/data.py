@@ -317,8 +317,11 @@ def build_other_volumes(root: Path, cache: Path = CACHE, seed: int = 0) -> Path:
 AUGMENTED_COPIES = {"CT": 3, "MRI": 4, "PET": 12}  # CT costs ~1 s per slice to simulate, the others ms
 
 
+CT_DOSE_RANGE = (0.5, 8.0)  # x I0 in the augmented copies
+
+
 def augmented_pairs(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Generator,
-                    device: str = "cpu") -> tuple[dict, float]:
+                    device: str = "cpu", ct_dose: tuple[float, float] = CT_DOSE_RANGE) -> tuple[dict, float]:
     """One augmented copy of clean training slices [N,H,W] (physical units, protocol-v1 scaled).
 
     The anatomy is zoomed in-plane (0.8 to 1.4, so the pixel size becomes `pixel_mm / zoom`) and
@@ -326,7 +329,7 @@ def augmented_pairs(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.rand
     levels than protocol v1's so that the network learns to follow the noise it is given: the
     slices near the top of a head are small and faint, and one subject's training slices alone
     hold neither. CT: a head 0.6 to 1.1 times as large (less attenuation, so less noise) and a
-    dose of 0.5 to 8 times I0; PET: uptake gain 0.25 to 1.6 (count level) and resolution
+    dose of `ct_dose` (default 0.5 to 8) times I0; PET: uptake gain 0.25 to 1.6 (count level) and resolution
     (Gaussian blur, sigma up to 1.2 pixel); MRI: intensity scale 0.75 to 1.25. Factors are
     log-uniform. Returns ({suffix: (lq, hq)}, zoom).
     """
@@ -338,7 +341,7 @@ def augmented_pairs(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.rand
     log_uniform = lambda lo, hi, size=None: np.exp(rng.uniform(np.log(lo), np.log(hi), size))
     if modality == "CT":  # per slice: its own head size and dose
         pairs = [simulate.simulate_ct(s[None], pixel_mm=pixel_mm / zoom * float(log_uniform(0.6, 1.1)),
-                                      seed=int(rng.integers(2**31)), i0=simulate.CT_I0 * float(log_uniform(0.5, 8.0)),
+                                      seed=int(rng.integers(2**31)), i0=simulate.CT_I0 * float(log_uniform(*ct_dose)),
                                       device=device) for s in hq]
         return {"": tuple(np.concatenate(stack) for stack in zip(*pairs))}, zoom
     if modality == "MRI":
@@ -364,7 +367,7 @@ def degrade(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Gener
 
 
 def fresh_pairs(slices: int, rng: np.random.Generator, modalities=tuple(MODALITY_TASK), device: str = "cpu",
-                cache: Path = CACHE) -> list[PairedVolume]:
+                cache: Path = CACHE, ct_dose: tuple[float, float] = CT_DOSE_RANGE) -> list[PairedVolume]:
     """Protocol-v1 pairs degraded afresh from `slices` random training slices of each source.
 
     Half the slices are degraded as they are, half re-posed first (`augmented_pairs`), so that
@@ -379,7 +382,7 @@ def fresh_pairs(slices: int, rng: np.random.Generator, modalities=tuple(MODALITY
         picked = volume[a + rng.choice(b - a, size=min(slices, b - a), replace=False)]
         half = len(picked) // 2
         plain = degrade(modality, picked[:half], zooms[0], rng, device) if half else {}
-        posed, _ = augmented_pairs(modality, picked[half:], zooms[0], rng, device)
+        posed, _ = augmented_pairs(modality, picked[half:], zooms[0], rng, device, ct_dose)
         for kind, degraded in (("plain", plain), ("posed", posed)):
             pairs += [PairedVolume(modality, f"{name}_{kind}{suffix}", lq, hq) for suffix, (lq, hq) in degraded.items()]
     return pairs

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import MODALITY_TASK, PairedVolume, fresh_pairs, read_pairs
+from .data import CT_DOSE_RANGE, MODALITY_TASK, PairedVolume, fresh_pairs, read_pairs
 from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, read_state_dict
 from .tasks import get_task
 
@@ -115,14 +115,16 @@ class FreshPairStream:
     run does not wait for the CT projector; each pool's seed comes from the run's generator.
     """
 
-    def __init__(self, slices: int, rng: np.random.Generator, modalities: tuple[str, ...], device: str):
-        self.slices, self.rng, self.modalities, self.device = slices, rng, modalities, device
+    def __init__(self, slices: int, rng: np.random.Generator, modalities: tuple[str, ...], device: str,
+                 ct_dose: tuple[float, float]):
+        self.slices, self.rng, self.modalities, self.device, self.ct_dose = slices, rng, modalities, device, ct_dose
         self.worker = ThreadPoolExecutor(max_workers=1)
         self.pending = self._submit()
 
     def _submit(self) -> Future:
         seed = int(self.rng.integers(2**63))
-        return self.worker.submit(fresh_pairs, self.slices, np.random.default_rng(seed), self.modalities, self.device)
+        return self.worker.submit(fresh_pairs, self.slices, np.random.default_rng(seed), self.modalities, self.device,
+                                  ct_dose=self.ct_dose)
 
     def next(self) -> list[PairedVolume]:
         pairs = self.pending.result()
@@ -185,13 +187,15 @@ def train(
     pool_slices: int = 24,
     refresh_every: int = 100,
     mix: dict[str, int] | None = None,
+    ct_dose: tuple[float, float] = CT_DOSE_RANGE,
 ) -> dict:
     """Train (or fine-tune from `init`) and return a summary; `out_dir/last.pt` holds the state.
 
     With `simulate`, the pairs are not read from `data_root` but degraded afresh from the cached
     protocol-v1 source volumes (`pool_slices` slices per source, a new pool every `refresh_every`
     steps), so the network never sees the same noise twice. `mix` gives each modality's share of
-    a batch (CT=4,MRI=1,PET=2: CT's small HU residuals weigh little in an L1 over all tasks).
+    a batch (CT=4,MRI=1,PET=2: CT's small HU residuals weigh little in an L1 over all tasks);
+    `ct_dose` the dose range (x I0) of the re-posed CT slices in each pool.
 
     The cosine schedule runs over `steps` optimizer steps or, with `time_budget` (minutes),
     over that much training time, so that a run on a slow or shared machine still anneals
@@ -218,7 +222,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(rng, state["rng"])
         step, seconds = state["step"], state["seconds"]
-    stream = FreshPairStream(pool_slices, rng, modalities, device) if simulate else None
+    stream = FreshPairStream(pool_slices, rng, modalities, device, ct_dose) if simulate else None
     sampler = PatchSampler(stream.next() if stream else pairs, crop, rng, mix)
 
     def done_fraction() -> float:
@@ -227,7 +231,8 @@ def train(
     def checkpoint() -> None:
         record = {"step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
                   "lr": lr, "batch_size": batch_size, "crop": crop, "mix": mix, "modalities": list(modalities), "init": init,
-                  "data": f"protocol-v1 degraded afresh ({pool_slices} slices per source, new every {refresh_every} steps)"
+                  "data": f"protocol-v1 degraded afresh ({pool_slices} slices per source, new every {refresh_every} steps, "
+                          f"re-posed CT at {ct_dose[0]:g}-{ct_dose[1]:g}x the dose)"
                   if simulate else str(data_root), "threads": torch.get_num_threads(), "device": _device_name(device)}
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng), **record},
                     ckpt_path)
@@ -300,6 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of DATA: protocol-v1 pairs degraded afresh from the cached source volumes")
     parser.add_argument("--pool-slices", type=int, default=24, help="with --simulate: slices per source in each pool")
     parser.add_argument("--refresh-every", type=int, default=100, help="with --simulate: steps between new pools")
+    parser.add_argument("--ct-dose", default=",".join(f"{d:g}" for d in CT_DOSE_RANGE),
+                        help="with --simulate: dose range LO,HI (x protocol v1's I0) of the re-posed CT slices")
     parser.add_argument("--out", required=True, help="output folder (checkpoint last.pt, weights.pth)")
     parser.add_argument("--config", default="slim", help=f"model size: {', '.join(CONFIGS)}, a .json file or inline JSON")
     parser.add_argument("--steps", type=int, help="total optimizer steps of the cosine schedule (default 20000)")
@@ -355,6 +362,17 @@ def parse_mix(spec: str | None, modalities: tuple[str, ...]) -> dict[str, int] |
     return shares
 
 
+def parse_dose(spec: str) -> tuple[float, float]:
+    """`--ct-dose`: "LO,HI", two positive factors of I0 with LO <= HI."""
+    try:
+        lo, hi = (float(v) for v in spec.split(","))
+    except ValueError:
+        lo = hi = math.nan
+    if not 0 < lo <= hi < math.inf:
+        raise ValueError(f"--ct-dose must be LO,HI with 0 < LO <= HI, like 0.05,8; got {spec!r}")
+    return lo, hi
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -371,13 +389,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
         crop = parse_crop(args.crop, modalities)
         mix = parse_mix(args.mix, modalities)
+        ct_dose = parse_dose(args.ct_dose)
         config = resolve_config(args.config)
         if args.steps is not None and args.time_budget is not None:
             raise ValueError("give --steps or --time-budget, not both")
         steps = args.steps if args.steps is not None or args.time_budget is not None else 20000
         summary = train(args.data, args.out, config, steps, args.batch_size, crop, args.lr, args.device,
                         args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities,
-                        simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every, mix=mix)
+                        simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every, mix=mix,
+                        ct_dose=ct_dose)
     except (ValueError, OSError) as exc:  # DataError, CheckpointError and WeightsError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,10 +2,11 @@
 
 The held-out test slices at the top of each volume are smaller (CT) and fainter (PET) than the
 training slices, so their noise differs from anything a network trained on protocol v1 alone has
-seen. This re-degrades the *validation* slices (never trained on, not the test set) at such levels:
-CT at 8x the dose and as a head 0.6x as large (both give less noise), PET at 0.3x the uptake (fewer
-counts), next to protocol v1 itself, and scores each model against the input and the per-slice
-tuned baselines of `medir-fast eval`.
+seen. Other patients' CT slices on a finer grid are far noisier (the other-volume test set). This
+re-degrades the *validation* slices (never trained on, not the test set) at such levels: CT at 8x
+the dose and as a head 0.6x as large (both give less noise), PET at 0.3x the uptake (fewer
+counts), CT at 0.25x and 0.1x the dose (more noise), next to protocol v1 itself, and scores each
+model against the input and the per-slice tuned baselines of `medir-fast eval`.
 
     python scripts/noise_levels.py WEIGHTS [WEIGHTS ...] [--json out.json]   (a file or a shipped name)
 """
@@ -28,6 +29,8 @@ CONDITIONS = {  # name: (modality, dose or uptake factor, head size factor)
     "CT head 0.6x": ("CT", 1.0, 0.6),
     "PET protocol v1": ("PET", 1.0, None),
     "PET 0.3x uptake": ("PET", 0.3, None),
+    "CT 0.25x dose": ("CT", 0.25, 1.0),
+    "CT 0.1x dose": ("CT", 0.1, 1.0),
 }
 SOURCE = {"CT": "ct_cranium", "PET": "pet_fdg_template"}
 

@@ -53,6 +53,19 @@ def test_ct_copies_vary_dose_and_head_size_per_slice():
     assert max(noise) > 1.6 * min(noise), noise  # one fixed dose would give equal noise up to ~10%
 
 
+def test_ct_dose_range_sets_the_noise_of_the_copies():
+    """`ct_dose` (train --ct-dose) reaches the noise of other patients' finer grids: 0.05x I0 is ~4.5x the noise std of 1x."""
+    yy, xx = np.mgrid[:48, :48] - 23.5
+    disks = np.repeat(np.where(np.hypot(yy, xx) < 18, 40.0, -1000.0)[None], 4, axis=0).astype(np.float32)
+    noise = {}
+    for dose in (0.05, 1.0):
+        pairs, _ = data.augmented_pairs("CT", disks, 0.9, np.random.default_rng(3), ct_dose=(dose, dose))
+        lq, target = pairs[""]
+        c = target.shape[-1] // 2
+        noise[dose] = np.mean([float((lq - target)[i, c - 6:c + 6, c - 6:c + 6].std()) for i in range(len(lq))])
+    assert 3 < noise[0.05] / noise[1.0] < 6, noise  # std ~ dose^-1/2; head size varies per slice alike in both
+
+
 def test_pet_copies_reach_low_count_levels():
     """Uptake gains go down to 0.25, as faint as the top slices of a brain."""
     hq = blobs(12, 30, 30, 0.0, 8.0)
