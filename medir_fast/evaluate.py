@@ -180,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--self-ensemble", action="store_true", help="score the model averaged over 8 flips and turns")
+    parser.add_argument("--tile", type=int, help="score the model run on N x N overlapping tiles, as `infer --tile N`")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
@@ -198,14 +199,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_model:
             model = load_model(args.weights, device=args.device)
             restorers = {m: Restorer(model, MODALITY_TASK[m], backend="eager", device=args.device, precision="fp32",
-                                     batch_size=args.batch_size, self_ensemble=args.self_ensemble) for m in modalities}
+                                     batch_size=args.batch_size, tile=args.tile, self_ensemble=args.self_ensemble)
+                         for m in modalities}
         cache = Path(args.baseline_cache) if args.baseline_cache else None
         report = evaluate(pairs, restorers, baselines=not args.no_baselines, cache=cache)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     report.update(weights=None if args.no_model else (args.weights or "shipped default"), data=str(args.data), split=args.split,
-                  self_ensemble=args.self_ensemble)
+                  self_ensemble=args.self_ensemble, tile=args.tile)
     print(table(report))
     if args.json:
         path = Path(args.json)

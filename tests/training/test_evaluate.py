@@ -49,3 +49,20 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys):
 def test_best_baseline_counts_the_input():
     methods = {"input": {"psnr": 30.0}, "model": {"psnr": 40.0}, "bm3d": {"psnr": 29.0}}
     assert evaluate.best_baseline(methods) == "input"
+
+
+def test_eval_tile_reaches_the_network(layout, tmp_path, capsys):
+    scores = {}
+    for tile in (None, 16):
+        out = tmp_path / f"report-{tile}.json"
+        args = [str(layout), "--weights", str(TINY_WEIGHTS), "--no-baselines", "--modalities", "CT", "--json", str(out)]
+        code, _ = _run(args + (["--tile", str(tile)] if tile else []), capsys)
+        report = json.loads(out.read_text())
+        assert code == 0 and report["tile"] == tile
+        scores[tile] = report["modalities"]["CT"]["model"]["psnr"]
+    assert scores[None] != scores[16]  # 40 x 40 slices in 16 x 16 tiles: the global prompt and attention change
+
+
+def test_eval_bad_tile_is_one_line(layout, capsys):
+    code, io = _run([str(layout), "--weights", str(TINY_WEIGHTS), "--no-baselines", "--tile", "12"], capsys)
+    assert code == 1 and "tile must be a multiple of 8" in io.err and io.err.count("\n") == 1
