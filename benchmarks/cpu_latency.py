@@ -1,6 +1,6 @@
 """CPU latency of the eager backend per slice, default AMIR configuration (random weights).
 
-    python benchmarks/cpu_latency.py [--size 256] [--batch 1] [--repeats 5] [--self-ensemble] [--json out.json]
+    python benchmarks/cpu_latency.py [--size 256] [--batch 1] [--repeats 5] [--self-ensemble] [--tile N] [--json out.json]
 
 Times `Restorer.restore_normalized` (padding, backend, crop) after one warm-up run, reports
 the median and the spread; threads = torch's default (all cores).
@@ -29,12 +29,13 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--config", default="default", help="'default' or a JSON dict of AMIR arguments")
     p.add_argument("--self-ensemble", action="store_true", help="time the 8-way flip-and-turn average")
+    p.add_argument("--tile", type=int, default=None, help="time N x N overlapping tiles instead of whole slices")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     config = DEFAULT_CONFIG if args.config == "default" else {**DEFAULT_CONFIG, **json.loads(args.config)}
     restorer = Restorer(AMIR(**config), "ct_denoise", backend="eager", device="cpu",
-                        precision=args.precision, batch_size=args.batch, self_ensemble=args.self_ensemble)
+                        precision=args.precision, batch_size=args.batch, tile=args.tile, self_ensemble=args.self_ensemble)
     x = np.random.default_rng(0).random((args.batch, args.size, args.size), dtype=np.float32)
     restorer.restore_normalized(x)  # warm-up
     times = []
@@ -44,7 +45,7 @@ def main() -> None:
         times.append((time.perf_counter() - t0) / args.batch)
     result = dict(
         what=f"eager {args.precision}, {args.batch} x {args.size}x{args.size}, config {args.config}"
-             + (", self-ensemble" if args.self_ensemble else ""),
+             + (", self-ensemble" if args.self_ensemble else "") + (f", {args.tile}x{args.tile} tiles" if args.tile else ""),
         seconds_per_slice_median=statistics.median(times), seconds_per_slice_min=min(times),
         seconds_per_slice_max=max(times), repeats=args.repeats, threads=torch.get_num_threads(),
         cpu=platform.processor() or platform.machine(), torch=torch.__version__,

@@ -36,6 +36,18 @@ def load_model(weights: str | Path | dict | None = None, config: dict | None = N
     return model.to(device)
 
 
+def resolve_tile(tile: int | None, weights: str | Path | None, task: str) -> int | None:
+    """`--tile` as given (0: whole slices), or, when not given, the shipped weights' tile for the task."""
+    if tile == 0:
+        return None
+    if tile is None:
+        tile = shipped.default_tile(None if weights is None else str(weights), task)
+        if tile is not None:
+            log.info("restoring in %dx%d tiles, as the shipped weights were validated for %s (--tile 0: whole slices)",
+                     tile, tile, task)
+    return tile
+
+
 def restore_file(
     input_path: str | Path,
     output_path: str | Path,
@@ -57,6 +69,8 @@ def restore_file(
     """Restore a NIfTI volume (or 2-D image) into a new NIfTI file with the same geometry.
 
     restorer_options go to `Restorer` (backend, device, precision, batch_size, tile, self_ensemble).
+    tile None (or left out) takes the tile the shipped weights were validated at for this task
+    (`weights.default_tile`; whole slices for other checkpoints); tile 0 forces whole slices.
     stream: run the slices through the C++ streaming runtime (file reading overlaps compute).
     progress, if given, is called as progress(total_slices, axis) and returns a per-batch
     callback taking the number of slices done.
@@ -84,6 +98,8 @@ def restore_file(
     if nonfinite and nan_policy == "error":
         raise InputError(f"{volume.path} has {nonfinite} NaN/Inf voxels; pass --nan-policy zero to replace them with 0")
 
+    tile = restorer_options.get("tile")
+    restorer_options["tile"] = resolve_tile(tile, weights, task_preset.name) if model is None else (tile or None)
     restorer = Restorer(model if model is not None else load_model(weights), task_preset, **restorer_options)
     finite = (lambda a: np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)) if nonfinite else (lambda a: a)
     on_batch = progress(volume.shape[axis] if len(volume.shape) == 3 else 1, axis) if progress else None
@@ -136,4 +152,4 @@ def _scan(volume: Volume, axis: int, task) -> tuple[int, int, int]:
     return nonfinite, outside, total
 
 
-__all__ = ["load_model", "restore_file"]
+__all__ = ["load_model", "resolve_tile", "restore_file"]

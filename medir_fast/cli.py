@@ -96,7 +96,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--batch-size", type=int, default=4, help="slices per network call")
     p.add_argument("--tile", type=int, default=None,
-                   help="cut slices into NxN overlapping tiles (multiple of 8); default: whole slices")
+                   help="cut slices into NxN overlapping tiles (multiple of 8); 0: whole slices; default: the tile the "
+                        "shipped weights were validated at for the task, whole slices for other checkpoints")
     p.add_argument("--self-ensemble", action="store_true",
                    help="average over the 8 flips and quarter turns of each slice (8x slower, slightly better)")
     p.add_argument("--axis", type=int, default=None,

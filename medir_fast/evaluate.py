@@ -180,12 +180,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--self-ensemble", action="store_true", help="score the model averaged over 8 flips and turns")
-    parser.add_argument("--tile", type=int, help="score the model run on N x N overlapping tiles, as `infer --tile N`")
+    parser.add_argument("--tile", type=int, help="score the model run on N x N overlapping tiles, as `infer --tile N` "
+                        "(default: as infer, the shipped weights' tile per task; 0: whole slices)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .api import load_model
+    from .api import load_model, resolve_tile
     from .restorer import Restorer
 
     if args.threads:
@@ -195,11 +196,12 @@ def run(args: argparse.Namespace) -> int:
         if not modalities or any(m not in MODALITY_TASK for m in modalities):
             raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
         pairs = read_pairs(args.data, args.split, modalities)
-        restorers = None
+        restorers, tiles = None, {}
         if not args.no_model:
             model = load_model(args.weights, device=args.device)
+            tiles = {m: resolve_tile(args.tile, args.weights, MODALITY_TASK[m]) for m in modalities}
             restorers = {m: Restorer(model, MODALITY_TASK[m], backend="eager", device=args.device, precision="fp32",
-                                     batch_size=args.batch_size, tile=args.tile, self_ensemble=args.self_ensemble)
+                                     batch_size=args.batch_size, tile=tiles[m], self_ensemble=args.self_ensemble)
                          for m in modalities}
         cache = Path(args.baseline_cache) if args.baseline_cache else None
         report = evaluate(pairs, restorers, baselines=not args.no_baselines, cache=cache)
@@ -207,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     report.update(weights=None if args.no_model else (args.weights or "shipped default"), data=str(args.data), split=args.split,
-                  self_ensemble=args.self_ensemble, tile=args.tile)
+                  self_ensemble=args.self_ensemble, tile=tiles)
     print(table(report))
     if args.json:
         path = Path(args.json)

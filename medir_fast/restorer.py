@@ -117,6 +117,7 @@ class Restorer:
             raise ValueError(f"tile must be a multiple of {MULTIPLE} and >= {MIN_NETWORK_SIZE}, got {tile}")
         self.batch_size = batch_size
         self.tile = tile
+        self.tiles_per_call: int | None = None  # None: as many pixels per call as batch_size whole slices
         self.self_ensemble = self_ensemble
         self.backend = make_backend(backend, model, self.device, self.dtype)
         log.info("backend %s on %s, %s", self.backend.name, self.device, str(self.dtype).replace("torch.", ""))
@@ -160,7 +161,7 @@ class Restorer:
             tile = 256
             log.warning("slice %dx%d does not fit in %s memory; retrying in %dx%d tiles",
                         batch.shape[-2], batch.shape[-1], self.device, tile, tile)
-            self.tile = tile
+            self.tile, self.tiles_per_call = tile, 1
             return self._run_tiled(batch, tile)
 
     def _run_padded(self, batch: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,7 @@ class Restorer:
         acc = torch.zeros(b, c, h, w)
         weight = torch.zeros(1, 1, h, w)
         tiles = [batch[..., y:y + th, x:x + tw] for y, x in boxes]
-        per_run = max(1, self.batch_size // b)
+        per_run = self.tiles_per_call or max(1, (self.batch_size * h * w) // (b * th * tw))
         for i in range(0, len(tiles), per_run):
             restored = self._run_padded(torch.cat(tiles[i:i + per_run])).split(b)
             for (y, x), t in zip(boxes[i:i + per_run], restored):

@@ -9,6 +9,8 @@ counts), CT at 0.25x and 0.1x the dose (more noise), next to protocol v1 itself,
 model against the input and the per-slice tuned baselines of `medir-fast eval`.
 
     python scripts/noise_levels.py WEIGHTS [WEIGHTS ...] [--json out.json]   (a file or a shipped name)
+
+A shipped model runs in the tiles it was validated at, as `medir-fast infer` and `eval` run it.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from medir_fast import data, simulate
-from medir_fast.api import load_model
+from medir_fast.api import load_model, resolve_tile
 from medir_fast.data import PairedVolume
 from medir_fast.evaluate import evaluate
 from medir_fast.restorer import Restorer
@@ -62,7 +64,9 @@ def main() -> None:
     rows = {f: {m: r["psnr"] for m, r in v["methods"].items()} for f, v in report["files"].items()}
     for weights in args.weights:
         model = load_model(weights)
-        restorers = {m: Restorer(model, data.MODALITY_TASK[m], backend="eager", precision="fp32") for m in SOURCE}
+        tasks = {m: data.MODALITY_TASK[m] for m in SOURCE}
+        restorers = {m: Restorer(model, task, backend="eager", precision="fp32", tile=resolve_tile(None, weights, task))
+                     for m, task in tasks.items()}
         scored = evaluate(degraded, restorers, baselines=False, progress=False)
         for f, v in scored["files"].items():
             rows[f][weights] = v["methods"]["model"]["psnr"]

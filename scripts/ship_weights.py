@@ -91,6 +91,19 @@ def history(init: str | None) -> list[dict]:
     raise SystemExit(f"error: cannot trace the training history of {init!r}: neither a shipped model nor a run folder")
 
 
+def metrics(report: dict) -> dict:
+    """The manifest's metrics from a `medir-fast eval --json` report: per modality, every method and the margin."""
+    per_modality = {}
+    for modality, methods in report["modalities"].items():
+        best = best_baseline(methods)
+        per_modality[modality] = {
+            "methods": {m: {k: round(v, 4) for k, v in r.items()} for m, r in methods.items()},
+            "best_baseline": best,
+            "model_minus_best_baseline_psnr_db": round(methods["model"]["psnr"] - methods[best]["psnr"], 3),
+        }
+    return {"split": report.get("split"), "tile": report.get("tile"), "per_modality": per_modality}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
@@ -98,6 +111,9 @@ def main() -> int:
     parser.add_argument("--default", action="store_true", help="make it the model load() returns by default")
     parser.add_argument("--augmented-copies", type=json.loads, default=None,
                         help='augmented training copies per modality the run saw, as JSON, e.g. \'{"CT": 3}\'')
+    parser.add_argument("--tile", type=json.loads, default=None,
+                        help='tile size per task the model was validated at (the default at inference), as JSON, '
+                             'e.g. \'{"ct_denoise": 80}\'; tasks left out run on whole slices')
     parser.add_argument("--save-average", type=Path, metavar="FILE",
                         help="only write the average of the RUN_DIRs to FILE (no EVAL_JSON), to evaluate it")
     args = parser.parse_args()
@@ -120,20 +136,13 @@ def main() -> int:
     report = json.loads(eval_json.read_text())
     target = weights.HERE / f"{args.name}.pth"
     save_atomic({k: v.contiguous() for k, v in state_dict.items()}, target)
-    metrics = {}
-    for modality, methods in report["modalities"].items():
-        best = best_baseline(methods)
-        metrics[modality] = {
-            "methods": {m: {k: round(v, 4) for k, v in r.items()} for m, r in methods.items()},
-            "best_baseline": best,
-            "model_minus_best_baseline_psnr_db": round(methods["model"]["psnr"] - methods[best]["psnr"], 3),
-        }
     sources = json.loads((data.CACHE / "sources" / "sources.json").read_text())
     stages = [*history(records[0].get("init")), last_stage]
     entry = {
         "file": target.name,
         "sha256": weights.sha256(target),
         "config": records[0]["config"],
+        **({"tile": args.tile} if args.tile else {}),
         "state_dict_elements": sum(v.numel() for v in state_dict.values()),  # parameters + 6 MoE buffers
         "training": {
             "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": data.SPLITS[name]}
@@ -141,7 +150,7 @@ def main() -> int:
             "protocol": "medir_fast.simulate v1",
             "stages": stages,
         },
-        "metrics": {"split": report.get("split"), "per_modality": metrics},
+        "metrics": metrics(report),
     }
     manifest = weights.manifest()
     manifest["models"][args.name] = entry

@@ -1,7 +1,8 @@
 """The weights shipped inside the package, listed in `manifest.json` and checked by sha256.
 
-The manifest maps a name to its file, AMIR config, checksum, training record and held-out
-metrics; `"default"` names the model `load()` returns when no name is given. An empty
+The manifest maps a name to its file, AMIR config, checksum, training record, held-out
+metrics and, optionally, the tile size per task at which those weights restore best
+(`"tile"`); `"default"` names the model `load()` returns when no name is given. An empty
 `"models"` table means no weights are shipped yet.
 """
 
@@ -75,3 +76,18 @@ def load(name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as exc:  # the checksum passed, so this is a manifest/file mismatch
         raise WeightsError(f"cannot read shipped weights {path}: {str(exc).strip().splitlines()[0]}") from exc
     return state_dict, dict(entry["config"])
+
+
+def default_tile(weights: str | None, task: str) -> int | None:
+    """The tile size a shipped model was validated at for `task` (None: whole slices).
+
+    Models trained on small crops see statistics over a crop in their global operations (the
+    task prompt's mean, the transposed attention); restoring in tiles of about that size keeps
+    inference like training. `weights` is None (the default) or any name or path; a checkpoint
+    file that is not shipped gets None.
+    """
+    data = manifest()
+    name = weights or data["default"]
+    if not isinstance(name, str) or name not in data["models"]:
+        return None
+    return data["models"][name].get("tile", {}).get(task)

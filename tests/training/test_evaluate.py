@@ -58,7 +58,7 @@ def test_eval_tile_reaches_the_network(layout, tmp_path, capsys):
         args = [str(layout), "--weights", str(TINY_WEIGHTS), "--no-baselines", "--modalities", "CT", "--json", str(out)]
         code, _ = _run(args + (["--tile", str(tile)] if tile else []), capsys)
         report = json.loads(out.read_text())
-        assert code == 0 and report["tile"] == tile
+        assert code == 0 and report["tile"] == {"CT": tile}
         scores[tile] = report["modalities"]["CT"]["model"]["psnr"]
     assert scores[None] != scores[16]  # 40 x 40 slices in 16 x 16 tiles: the global prompt and attention change
 

@@ -70,3 +70,14 @@ def test_runs_from_the_same_weights_ship_their_average(tmp_path, monkeypatch):
     other = _run(tmp_path / "other", str(runs[0]), 100, "CPU")
     with pytest.raises(SystemExit, match="same init"):
         ship_weights.average([*records, json.loads((other.parent / "run.json").read_text())], [*tensors, tensors[0]], None)
+
+
+def test_metrics_keep_the_margin_and_the_tiles_they_were_measured_at():
+    report = {"split": "test", "tile": {"CT": 80, "PET": None},
+              "modalities": {"CT": {"input": {"psnr": 40.0}, "model": {"psnr": 46.7234}, "bm3d": {"psnr": 47.05}},
+                             "PET": {"input": {"psnr": 23.8}, "model": {"psnr": 33.18}, "gaussian": {"psnr": 32.36}}}}
+    metrics = ship_weights.metrics(report)
+    assert metrics["tile"] == {"CT": 80, "PET": None} and metrics["split"] == "test"
+    assert metrics["per_modality"]["CT"]["best_baseline"] == "bm3d"
+    assert metrics["per_modality"]["CT"]["model_minus_best_baseline_psnr_db"] == pytest.approx(-0.327)
+    assert metrics["per_modality"]["PET"]["model_minus_best_baseline_psnr_db"] == pytest.approx(0.82)

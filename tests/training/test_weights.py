@@ -2,10 +2,13 @@
 
 import json
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
 from medir_fast import weights
+from medir_fast.api import resolve_tile, restore_file
 from medir_fast.model import AMIR, build_model
 
 from .conftest import TINY
@@ -64,3 +67,21 @@ def test_the_real_manifest_verifies():
     for name in weights.available():
         state_dict, config = weights.load(name)
         build_model(state_dict, config, source=name)
+
+
+def test_shipped_tile_is_the_default_and_zero_means_whole_slices(shipped, tmp_path, ct_volume):
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    manifest["models"]["tiny"]["tile"] = {"ct_denoise": 16}
+    (shipped / "manifest.json").write_text(json.dumps(manifest))
+    assert weights.default_tile(None, "ct_denoise") == weights.default_tile("tiny", "ct_denoise") == 16
+    assert weights.default_tile("tiny", "mri_sr") is None  # no tile for this task: whole slices
+    assert weights.default_tile(str(tmp_path / "own.pth"), "ct_denoise") is None  # not shipped
+    assert resolve_tile(None, None, "ct_denoise") == 16 and resolve_tile(24, None, "ct_denoise") == 24
+    assert resolve_tile(0, None, "ct_denoise") is None
+
+    outs = {}
+    for tile in (None, 16, 0):
+        out = restore_file(ct_volume, tmp_path / f"out-{tile}.nii.gz", "ct_denoise", tile=tile, backend="eager")
+        outs[tile] = np.asarray(nib.load(out).dataobj)
+    assert np.array_equal(outs[None], outs[16])  # the shipped tile is what runs by default
+    assert not np.allclose(outs[None], outs[0])  # and differs from whole slices on these 37 x 61 slices
