@@ -1,8 +1,8 @@
 """The weights shipped inside the package, listed in `manifest.json` and checked by sha256.
 
 The manifest maps a name to its file, AMIR config, checksum, training record, held-out
-metrics and, optionally, the tile size per task at which those weights restore best
-(`"tile"`); `"default"` names the model `load()` returns when no name is given. An empty
+metrics and, optionally, the tile size per task chosen for those weights on validation
+slices (`"tile"`); `"default"` names the model `load()` returns when no name is given. An empty
 `"models"` table means no weights are shipped yet.
 """
 
