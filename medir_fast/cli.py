@@ -147,6 +147,7 @@ def run_info(args: argparse.Namespace) -> int:
 
     from . import __version__, weights
     from .backends import BACKENDS, unavailable_reason
+    from .tasks import TASKS
 
     print(f"medir-fast {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
@@ -168,6 +169,10 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"  {name} on {device}: {'available' if reason is None else 'unavailable: ' + reason}")
     names = weights.available()
     print("shipped weights: " + (", ".join(names) + f" (default: {names[0]})" if names else "none shipped yet"))
+    for name in names:
+        tiles = {task: weights.default_tile(name, task) for task in TASKS}
+        print(f"  {name} runs in tiles of " + ", ".join(f"{t} for {task}" if t else f"whole slices for {task}"
+                                                      for task, t in tiles.items()) + " (--tile overrides)")
     return 0
 
 

@@ -175,6 +175,7 @@ def test_info_lists_versions_backends_and_weights(capsys):
     code, out, _ = run_cli(capsys, "info")
     assert code == 0
     assert "torch" in out and "eager on" in out and "triton on" in out and "shipped weights" in out
+    assert "slim runs in tiles of 80 for ct_denoise, 128 for mri_sr, 64 for pet_synthesis" in out
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):
