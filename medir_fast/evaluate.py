@@ -167,6 +167,20 @@ def table(report: dict) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+def parse_tile(spec: str | None, modalities: tuple[str, ...]) -> dict[str, int | None]:
+    """`--tile`: None (the default per task), "80" for every modality, or "CT=80,MRI=128" naming each one."""
+    from .training import per_modality
+
+    if spec is None:
+        return dict.fromkeys(modalities)
+    error = ValueError(f"--tile must be a size or one per modality like "
+                       f"{','.join(f'{m}=64' for m in modalities)}; got {spec!r}")
+    try:
+        return per_modality(spec, modalities, error) if "=" in spec else dict.fromkeys(modalities, int(spec))
+    except ValueError:
+        raise error from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="paired data root: ROOT/{CT,MRI,PET}/{split}/{LQ,HQ}/*.nii[.gz]")
     parser.add_argument("--weights", help="checkpoint file or shipped model name (default: the shipped default)")
@@ -180,8 +194,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--self-ensemble", action="store_true", help="score the model averaged over 8 flips and turns")
-    parser.add_argument("--tile", type=int, help="score the model run on N x N overlapping tiles, as `infer --tile N` "
-                        "(default: as infer, the shipped weights' tile per task; 0: whole slices)")
+    parser.add_argument("--tile", help="score the model run on N x N overlapping tiles, as `infer --tile N`, or one size "
+                        "per modality like CT=80,MRI=128,PET=64 (default: as infer, the shipped weights' tile per "
+                        "task; 0: whole slices)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
@@ -199,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         restorers, tiles = None, {}
         if not args.no_model:
             model = load_model(args.weights, device=args.device)
-            tiles = {m: resolve_tile(args.tile, args.weights, MODALITY_TASK[m]) for m in modalities}
+            asked = parse_tile(args.tile, modalities)
+            tiles = {m: resolve_tile(asked[m], args.weights, MODALITY_TASK[m]) for m in modalities}
             restorers = {m: Restorer(model, MODALITY_TASK[m], backend="eager", device=args.device, precision="fp32",
                                      batch_size=args.batch_size, tile=tiles[m], self_ensemble=args.self_ensemble)
                          for m in modalities}

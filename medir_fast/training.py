@@ -326,7 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
-def _per_modality(spec: str, modalities: tuple[str, ...], error: ValueError) -> dict[str, int]:
+def per_modality(spec: str, modalities: tuple[str, ...], error: ValueError) -> dict[str, int]:
     """"CT=64,MRI=128,PET=64" -> {modality: int}, naming exactly the modalities trained."""
     try:
         values = dict((m.strip().upper(), int(c)) for m, c in (part.split("=") for part in spec.split(",")))
@@ -342,7 +342,7 @@ def parse_crop(spec: str, modalities: tuple[str, ...]) -> int | dict[str, int]:
     error = ValueError(f"--crop must be a side (a multiple of 8, at least 16) or one per modality "
                        f"like CT=64,MRI=128,PET=64; got {spec!r}")
     try:
-        sides = _per_modality(spec, modalities, error) if "=" in spec else {m: int(spec) for m in modalities}
+        sides = per_modality(spec, modalities, error) if "=" in spec else {m: int(spec) for m in modalities}
     except ValueError:
         raise error from None
     if any(c % 8 or c < 16 for c in sides.values()):
@@ -356,7 +356,7 @@ def parse_mix(spec: str | None, modalities: tuple[str, ...]) -> dict[str, int] |
         return None
     error = ValueError(f"--mix must give a whole share of at least 1 to each modality trained, like "
                        f"{','.join(f'{m}=1' for m in modalities)}; got {spec!r}")
-    shares = _per_modality(spec, modalities, error)
+    shares = per_modality(spec, modalities, error)
     if any(v < 1 for v in shares.values()):
         raise error
     return shares

@@ -8,9 +8,11 @@ the dose and as a head 0.6x as large (both give less noise), PET at 0.3x the upt
 counts), CT at 0.25x and 0.1x the dose (more noise), next to protocol v1 itself, and scores each
 model against the input and the per-slice tuned baselines of `medir-fast eval`.
 
-    python scripts/noise_levels.py WEIGHTS [WEIGHTS ...] [--json out.json]   (a file or a shipped name)
+    python scripts/noise_levels.py WEIGHTS [WEIGHTS ...] [--tile CT=80,PET=64] [--json out.json]
 
-A shipped model runs in the tiles it was validated at, as `medir-fast infer` and `eval` run it.
+WEIGHTS: a file or a shipped name. A shipped model runs in the tiles it was validated at, as
+`medir-fast infer` and `eval` run it; `--tile` (as in `eval`) sets them for every model, so that
+a candidate file runs like the shipped model it is compared with.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import torch
 from medir_fast import data, simulate
 from medir_fast.api import load_model, resolve_tile
 from medir_fast.data import PairedVolume
-from medir_fast.evaluate import evaluate
+from medir_fast.evaluate import evaluate, parse_tile
 from medir_fast.restorer import Restorer
 
 CONDITIONS = {  # name: (modality, dose or uptake factor, head size factor)
@@ -56,8 +58,13 @@ def pairs() -> list[PairedVolume]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", nargs="+")
+    parser.add_argument("--tile", help="a size or one per modality, like CT=80,PET=64 (0: whole slices)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    try:
+        asked = parse_tile(args.tile, tuple(SOURCE))
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(2)
     degraded = pairs()
     report = evaluate(degraded, None, baselines=True, progress=False)
@@ -65,7 +72,7 @@ def main() -> None:
     for weights in args.weights:
         model = load_model(weights)
         tasks = {m: data.MODALITY_TASK[m] for m in SOURCE}
-        restorers = {m: Restorer(model, task, backend="eager", precision="fp32", tile=resolve_tile(None, weights, task))
+        restorers = {m: Restorer(model, task, backend="eager", precision="fp32", tile=resolve_tile(asked[m], weights, task))
                      for m, task in tasks.items()}
         scored = evaluate(degraded, restorers, baselines=False, progress=False)
         for f, v in scored["files"].items():

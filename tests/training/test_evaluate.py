@@ -63,6 +63,15 @@ def test_eval_tile_reaches_the_network(layout, tmp_path, capsys):
     assert scores[None] != scores[16]  # 40 x 40 slices in 16 x 16 tiles: the global prompt and attention change
 
 
-def test_eval_bad_tile_is_one_line(layout, capsys):
-    code, io = _run([str(layout), "--weights", str(TINY_WEIGHTS), "--no-baselines", "--tile", "12"], capsys)
-    assert code == 1 and "tile must be a multiple of 8" in io.err and io.err.count("\n") == 1
+def test_eval_tile_per_modality(layout, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    args = [str(layout), "--weights", str(TINY_WEIGHTS), "--no-baselines", "--modalities", "CT,PET", "--json", str(out)]
+    code, _ = _run(args + ["--tile", "CT=16,PET=0"], capsys)
+    assert code == 0 and json.loads(out.read_text())["tile"] == {"CT": 16, "PET": None}
+
+
+@pytest.mark.parametrize("tile, message", [("12", "tile must be a multiple of 8"), ("CT=16", "--tile must be a size or one per"),
+                                           ("big", "--tile must be a size or one per")])
+def test_eval_bad_tile_is_one_line(layout, capsys, tile, message):
+    code, io = _run([str(layout), "--weights", str(TINY_WEIGHTS), "--no-baselines", "--tile", tile], capsys)
+    assert code == 1 and message in io.err and io.err.count("\n") == 1
