@@ -169,6 +169,7 @@ def table(report: dict) -> str:
 
 def parse_tile(spec: str | None, modalities: tuple[str, ...]) -> dict[str, int | None]:
     """`--tile`: None (the default per task), "80" for every modality, or "CT=80,MRI=128" naming each one."""
+    from .restorer import check_tile
     from .training import per_modality
 
     if spec is None:
@@ -176,9 +177,13 @@ def parse_tile(spec: str | None, modalities: tuple[str, ...]) -> dict[str, int |
     error = ValueError(f"--tile must be a size or one per modality like "
                        f"{','.join(f'{m}=64' for m in modalities)}; got {spec!r}")
     try:
-        return per_modality(spec, modalities, error) if "=" in spec else dict.fromkeys(modalities, int(spec))
+        tiles = per_modality(spec, modalities, error) if "=" in spec else dict.fromkeys(modalities, int(spec))
     except ValueError:
         raise error from None
+    for tile in tiles.values():
+        if tile:  # 0: whole slices
+            check_tile(tile)
+    return tiles
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -66,6 +66,12 @@ def network_size(n: int) -> int:
     return max(MIN_NETWORK_SIZE, math.ceil(n / MULTIPLE) * MULTIPLE)
 
 
+def check_tile(tile: int) -> None:
+    """A tile side the network can run: a multiple of 8 (three 2x downsamplings), at least 16."""
+    if tile < MIN_NETWORK_SIZE or tile % MULTIPLE:
+        raise ValueError(f"tile must be a multiple of {MULTIPLE} and >= {MIN_NETWORK_SIZE}, got {tile}")
+
+
 def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of size `tile` covering [0, n), consecutive tiles overlapping by >= overlap."""
     if n <= tile:
@@ -113,8 +119,8 @@ class Restorer:
         self.dtype = resolve_precision(precision, self.device)
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        if tile is not None and (tile < MIN_NETWORK_SIZE or tile % MULTIPLE):
-            raise ValueError(f"tile must be a multiple of {MULTIPLE} and >= {MIN_NETWORK_SIZE}, got {tile}")
+        if tile is not None:
+            check_tile(tile)
         self.batch_size = batch_size
         self.tile = tile
         self.tiles_per_call: int | None = None  # None: as many pixels per call as batch_size whole slices
