@@ -4,7 +4,8 @@ Usage: python scripts/ship_weights.py NAME RUN_DIR [RUN_DIR ...] EVAL_JSON [--de
 RUN_DIR is a `medir-fast train --out` folder: `weights.pth` and `run.json` (or, from older runs,
 `last.pt` alone); EVAL_JSON is `medir-fast eval --json` on held-out data (of the shipped weights).
 Several RUN_DIRs, fine-tuned from the same weights, ship their uniform average (a "model soup");
-`ship_weights.py NAME RUN_DIR RUN_DIR ... --save-average FILE` writes that average to evaluate first.
+`--with-init` adds the weights they started from to that average (a fine-tune pulled half-way back
+towards its start, for one run); `... --save-average FILE` writes the average to evaluate first.
 The manifest keeps the whole training history: the stages of the shipped model or run folder each
 run started from.
 """
@@ -50,13 +51,25 @@ def stage(record: dict, augmented_copies: dict | None = None) -> dict:
     return {k: v for k, v in entry.items() if v is not None}
 
 
-def average(records: list[dict], state_dicts: list[dict], augmented_copies: dict | None) -> tuple[dict, dict]:
-    """The uniform mean of runs fine-tuned from the same weights, and its stage (each run's stage inside)."""
+def init_weights(init: str | None) -> dict:
+    """The weights a run started from: a shipped name ("default" included) or a weights file."""
+    if not init:
+        raise SystemExit("error: --with-init needs runs that started from weights (train --init)")
+    if init in ("default", *weights.available()):
+        return weights.load(None if init == "default" else init)[0]
+    return torch.load(init, map_location="cpu", weights_only=True)
+
+
+def average(records: list[dict], state_dicts: list[dict], augmented_copies: dict | None,
+            with_init: bool = False) -> tuple[dict, dict]:
+    """The uniform mean of runs fine-tuned from the same weights (and of those weights, `with_init`),
+    and its stage (each run's stage inside)."""
     if len({r.get("init") for r in records}) != 1 or any(r["config"] != records[0]["config"] for r in records):
         raise SystemExit("error: only runs with the same init and config can be averaged")
-    state_dict = {k: torch.stack([sd[k] for sd in state_dicts]).mean(0) for k in state_dicts[0]}
-    entry = {"init": records[0].get("init"), "average_of": [stage(r, augmented_copies) for r in records],
-             "how": "uniform mean of every tensor of these runs' weights"}
+    members = [*state_dicts, init_weights(records[0].get("init"))] if with_init else state_dicts
+    state_dict = {k: torch.stack([sd[k] for sd in members]).mean(0) for k in state_dicts[0]}
+    how = "uniform mean of every tensor of these runs' weights" + (" and of the weights they started from" if with_init else "")
+    entry = {"init": records[0].get("init"), "average_of": [stage(r, augmented_copies) for r in records], "how": how}
     return state_dict, entry
 
 
@@ -114,6 +127,8 @@ def main() -> int:
     parser.add_argument("--tile", type=json.loads, default=None,
                         help='tile size per task the model was validated at (the default at inference), as JSON, '
                              'e.g. \'{"ct_denoise": 80}\'; tasks left out run on whole slices')
+    parser.add_argument("--with-init", action="store_true",
+                        help="average the runs together with the weights they started from")
     parser.add_argument("--save-average", type=Path, metavar="FILE",
                         help="only write the average of the RUN_DIRs to FILE (no EVAL_JSON), to evaluate it")
     args = parser.parse_args()
@@ -123,10 +138,10 @@ def main() -> int:
 
     records = [read_record(d) for d in run_dirs]
     state_dicts = [read_weights(d) for d in run_dirs]
-    if len(records) == 1:
+    if len(records) == 1 and not args.with_init:
         state_dict, last_stage = state_dicts[0], stage(records[0], args.augmented_copies)
     else:
-        state_dict, last_stage = average(records, state_dicts, args.augmented_copies)
+        state_dict, last_stage = average(records, state_dicts, args.augmented_copies, args.with_init)
     if args.save_average:
         save_atomic(state_dict, args.save_average)
         print(f"average of {len(run_dirs)} runs: {args.save_average}")

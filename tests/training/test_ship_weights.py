@@ -72,6 +72,21 @@ def test_runs_from_the_same_weights_ship_their_average(tmp_path, monkeypatch):
         ship_weights.average([*records, json.loads((other.parent / "run.json").read_text())], [*tensors, tensors[0]], None)
 
 
+def test_a_run_averaged_with_its_starting_weights(tmp_path, monkeypatch):
+    """--with-init: a fine-tune pulled half-way back towards the weights it started from."""
+    monkeypatch.setattr(weights, "manifest", lambda: {"default": "slim", "models": {"slim": {"training": {"stages": []}}}})
+    start = {"w": torch.randn(3, 3)}
+    torch.save(start, tmp_path / "start.pth")
+    run = _run(tmp_path / "l", str(tmp_path / "start.pth"), 1221, "CPU")
+    tuned = {"w": torch.randn(3, 3)}
+    record = json.loads((run.parent / "run.json").read_text())
+    state_dict, entry = ship_weights.average([record], [tuned], None, with_init=True)
+    torch.testing.assert_close(state_dict["w"], (start["w"] + tuned["w"]) / 2)
+    assert [s["steps"] for s in entry["average_of"]] == [1221] and "started from" in entry["how"]
+    with pytest.raises(SystemExit, match="needs runs that started from weights"):
+        ship_weights.average([{**record, "init": None}], [tuned], None, with_init=True)
+
+
 def test_metrics_keep_the_margin_and_the_tiles_they_were_measured_at():
     report = {"split": "test", "tile": {"CT": 80, "PET": None},
               "modalities": {"CT": {"input": {"psnr": 40.0}, "model": {"psnr": 46.7234}, "bm3d": {"psnr": 47.05}},
