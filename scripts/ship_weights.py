@@ -57,6 +57,8 @@ def init_weights(init: str | None) -> dict:
         raise SystemExit("error: --with-init needs runs that started from weights (train --init)")
     if init in ("default", *weights.available()):
         return weights.load(None if init == "default" else init)[0]
+    if not Path(init).is_file():
+        raise SystemExit(f"error: the weights the runs started from are gone: {init}")
     return torch.load(init, map_location="cpu", weights_only=True)
 
 
@@ -144,7 +146,7 @@ def main() -> int:
         state_dict, last_stage = average(records, state_dicts, args.augmented_copies, args.with_init)
     if args.save_average:
         save_atomic(state_dict, args.save_average)
-        print(f"average of {len(run_dirs)} runs: {args.save_average}")
+        print(f"average of {len(run_dirs)} runs{' and their init' if args.with_init else ''}: {args.save_average}")
         return 0
     if not eval_json.is_file():  # checked before anything in the package is replaced
         raise SystemExit(f"error: no eval report at {eval_json} (medir-fast eval --json)")
