@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import CT_DOSE_RANGE, MODALITY_TASK, PairedVolume, fresh_pairs, read_pairs
-from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, read_state_dict
+from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, deepen, infer_config, read_state_dict
 from .tasks import get_task
 
 CONFIGS = {  # "slim" is the shipped default: a 512 x 512 slice in seconds on a 2-core CPU
@@ -210,7 +210,7 @@ def train(
     torch.manual_seed(seed)
     pairs = None if simulate else read_pairs(data_root, "train", modalities)
 
-    model = build_model(_init_state_dict(init), config, source=init) if init else AMIR(**config)
+    model = build_model(_start_weights(init, config, out_dir), config, source=init) if init else AMIR(**config)
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     step, seconds = 0, 0.0
@@ -290,6 +290,18 @@ def _init_state_dict(init: str) -> dict[str, torch.Tensor]:
     return read_state_dict(init)
 
 
+def _start_weights(init: str, config: dict, out_dir: Path) -> dict[str, torch.Tensor]:
+    """The `init` weights, deepened to `config` when it has more blocks; a deepened start is
+    written to OUT/init.pth, so that the run can later be averaged with exactly where it began."""
+    state = _init_state_dict(init)
+    depth = ("num_blocks", "num_refinement_blocks")
+    if all(infer_config(state)[k] == config[k] for k in depth):
+        return state
+    state = deepen(state, config)
+    save_atomic(state, out_dir / "init.pth")
+    return state
+
+
 def export_weights(checkpoint: str | Path, out: str | Path) -> None:
     """Write the plain model state dict (official key names) of a training checkpoint."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -318,7 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init", help="start from weights: 'default', a shipped name, or a checkpoint file")
+    parser.add_argument("--init", help="start from weights: 'default', a shipped name, or a checkpoint file; "
+                             "a --config with more blocks grows them (the new blocks start as the identity)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--stop-after", type=int, help="run at most this many steps now (resume later with --resume)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medir_fast import load_model
-from medir_fast.model import AMIR, CheckpointError, build_model, read_state_dict
+from medir_fast.model import AMIR, CheckpointError, build_model, deepen, infer_config, read_state_dict
 
 from .conftest import DATA, golden
 
@@ -70,3 +70,28 @@ def test_config_inferred_for_non_default_options(tmp_path):
     torch.save(model.state_dict(), tmp_path / "m.pth")
     loaded = load_model(tmp_path / "m.pth")
     assert loaded.config == model.config
+
+
+def test_deepened_network_computes_what_it_grew_from():
+    """Appended blocks start as the identity: same outputs (float64) on a fresh random slice."""
+    sd = torch.load(DATA / "tiny_state_dict.pth", weights_only=True)
+    config = infer_config(sd)
+    deeper = dict(config, num_blocks=[b + 1 for b in config["num_blocks"]],
+                  num_refinement_blocks=config["num_refinement_blocks"] + 1)
+    grown = deepen(sd, deeper)
+    assert infer_config(grown) == deeper
+    assert any(v.abs().sum() > 0 for k, v in grown.items() if k not in sd)  # fresh, not all zero
+    x = torch.rand(2, 1, 48, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = build_model(sd, config).double()(x)
+        after = build_model(grown, deeper).double()(x)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-12)
+
+
+def test_deepen_refuses_other_changes():
+    sd = torch.load(DATA / "tiny_state_dict.pth", weights_only=True)
+    config = infer_config(sd)
+    with pytest.raises(CheckpointError, match="settings differ: dim"):
+        deepen(sd, dict(config, dim=config["dim"] * 2))
+    with pytest.raises(CheckpointError, match="cannot remove blocks"):
+        deepen(sd, dict(config, num_refinement_blocks=0))

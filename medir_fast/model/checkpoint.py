@@ -118,3 +118,30 @@ def build_model(state_dict: dict[str, torch.Tensor], config: dict | None = None,
     check_fits(model, state_dict, source)
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def deepen(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Weights of the deeper AMIR `config` that compute exactly what `state_dict` computes.
+
+    A network grows by appending Transformer blocks to its levels (`num_blocks`,
+    `num_refinement_blocks`); every other setting must match. The appended blocks get fresh
+    weights (torch's current random state) and zero output projections, so each starts as the
+    identity (x + 0) and fine-tuning begins from the trained network's outputs, not from noise.
+    """
+    old = infer_config(state_dict)
+    depth = ("num_blocks", "num_refinement_blocks")
+    others = [k for k in config if k not in depth and config[k] != old[k]]
+    if others:
+        raise CheckpointError(f"can only add blocks to a trained AMIR; these settings differ: {', '.join(others)}")
+    if any(n < o for n, o in zip(config["num_blocks"], old["num_blocks"])) or (
+            config["num_refinement_blocks"] < old["num_refinement_blocks"]):
+        raise CheckpointError(f"cannot remove blocks: {old['num_blocks']} + {old['num_refinement_blocks']} refinement "
+                              f"-> {config['num_blocks']} + {config['num_refinement_blocks']}")
+    grown = AMIR(**config).state_dict()
+    for key, value in grown.items():
+        if key in state_dict:
+            grown[key] = state_dict[key].clone()
+        elif ".project_out." in key:  # attention and feed-forward outputs of an appended block
+            value.zero_()
+    return grown
+

@@ -83,6 +83,23 @@ def test_cli_trains_and_exports_loadable_weights(layout, tmp_path, capsys):
     assert "finished at step 2" in capsys.readouterr().out
 
 
+def test_a_deeper_config_grows_from_its_init_and_keeps_the_start(layout, tmp_path):
+    """--init with more blocks in --config: the run starts from the init weights plus identity
+    blocks, written to OUT/init.pth (what `ship_weights.py --with-init` averages with)."""
+    training.train(layout, tmp_path / "small", CONFIG, steps=2, batch_size=3, crop=32, progress=False)
+    training.export_weights(tmp_path / "small" / "last.pt", tmp_path / "small.pth")
+    deeper = dict(CONFIG, num_blocks=[1, 2, 1, 2])
+    training.train(layout, tmp_path / "deep", deeper, steps=2, batch_size=3, crop=32, progress=False,
+                   init=str(tmp_path / "small.pth"))
+    small = torch.load(tmp_path / "small.pth", weights_only=True)
+    start = torch.load(tmp_path / "deep" / "init.pth", weights_only=True)
+    assert AMIR(**deeper).load_state_dict(start) is not None
+    assert all(torch.equal(start[k], v) for k, v in small.items())
+    assert start["latent.1.ffn.project_out.weight"].abs().sum() == 0
+    trained = torch.load(tmp_path / "deep" / "last.pt", weights_only=True)["model"]
+    assert trained["latent.1.ffn.project_out.weight"].abs().sum() > 0  # the new block learns
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--crop", "30"], "multiple of 8"),
     (["--crop", "CT=64,MRI=128"], "one per modality"),
