@@ -47,12 +47,16 @@ def stage(record: dict, augmented_copies: dict | None = None) -> dict:
     entry = {"init": record.get("init"), "steps": record["step"], "training_seconds": round(record["seconds"]),
              "batch_size": record["batch_size"], "crop": record["crop"], "mix": record.get("mix"), "lr": record["lr"],
              "schedule": f"cosine over {budget}", "modalities": record["modalities"], "data": record.get("data"),
-             "augmented_copies": augmented_copies, "device": device}
+             "augmented_copies": augmented_copies, "device": device, "config": record.get("config")}
     return {k: v for k, v in entry.items() if v is not None}
 
 
-def init_weights(init: str | None) -> dict:
-    """The weights a run started from: a shipped name ("default" included) or a weights file."""
+def start_weights(run_dir: Path, record: dict) -> dict:
+    """The weights a run started from: the grown start `train` kept as `init.pth` when the run
+    added blocks to its init, else the init itself (a shipped name, "default" included, or a file)."""
+    if (run_dir / "init.pth").is_file():
+        return torch.load(run_dir / "init.pth", map_location="cpu", weights_only=True)
+    init = record.get("init")
     if not init:
         raise SystemExit("error: --with-init needs runs that started from weights (train --init)")
     if init in ("default", *weights.available()):
@@ -62,15 +66,23 @@ def init_weights(init: str | None) -> dict:
     return torch.load(init, map_location="cpu", weights_only=True)
 
 
+def common_start(run_dirs: list[Path], records: list[dict]) -> dict:
+    """The one set of weights all the runs started from (runs grown with other seeds differ)."""
+    first, *others = [start_weights(d, r) for d, r in zip(run_dirs, records)]
+    if any(s.keys() != first.keys() or not all(torch.equal(s[k], first[k]) for k in first) for s in others):
+        raise SystemExit("error: these runs started from different weights; average them without --with-init")
+    return first
+
+
 def average(records: list[dict], state_dicts: list[dict], augmented_copies: dict | None,
-            with_init: bool = False) -> tuple[dict, dict]:
-    """The uniform mean of runs fine-tuned from the same weights (and of those weights, `with_init`),
-    and its stage (each run's stage inside)."""
+            start: dict | None = None) -> tuple[dict, dict]:
+    """The uniform mean of runs fine-tuned from the same weights (and of those weights, `start`,
+    when given), and its stage (each run's stage inside)."""
     if len({r.get("init") for r in records}) != 1 or any(r["config"] != records[0]["config"] for r in records):
         raise SystemExit("error: only runs with the same init and config can be averaged")
-    members = [*state_dicts, init_weights(records[0].get("init"))] if with_init else state_dicts
+    members = [*state_dicts, start] if start is not None else state_dicts
     state_dict = {k: torch.stack([sd[k] for sd in members]).mean(0) for k in state_dicts[0]}
-    how = "uniform mean of every tensor of these runs' weights" + (" and of the weights they started from" if with_init else "")
+    how = "uniform mean of every tensor of these runs' weights" + (" and of the weights they started from" if start is not None else "")
     entry = {"init": records[0].get("init"), "average_of": [stage(r, augmented_copies) for r in records], "how": how}
     return state_dict, entry
 
@@ -143,7 +155,8 @@ def main() -> int:
     if len(records) == 1 and not args.with_init:
         state_dict, last_stage = state_dicts[0], stage(records[0], args.augmented_copies)
     else:
-        state_dict, last_stage = average(records, state_dicts, args.augmented_copies, args.with_init)
+        start = common_start(run_dirs, records) if args.with_init else None
+        state_dict, last_stage = average(records, state_dicts, args.augmented_copies, start)
     if args.save_average:
         save_atomic(state_dict, args.save_average)
         print(f"average of {len(run_dirs)} runs{' and their init' if args.with_init else ''}: {args.save_average}")

@@ -80,11 +80,23 @@ def test_a_run_averaged_with_its_starting_weights(tmp_path, monkeypatch):
     run = _run(tmp_path / "l", str(tmp_path / "start.pth"), 1221, "CPU")
     tuned = {"w": torch.randn(3, 3)}
     record = json.loads((run.parent / "run.json").read_text())
-    state_dict, entry = ship_weights.average([record], [tuned], None, with_init=True)
+    state_dict, entry = ship_weights.average([record], [tuned], None, ship_weights.common_start([run.parent], [record]))
     torch.testing.assert_close(state_dict["w"], (start["w"] + tuned["w"]) / 2)
     assert [s["steps"] for s in entry["average_of"]] == [1221] and "started from" in entry["how"]
     with pytest.raises(SystemExit, match="needs runs that started from weights"):
-        ship_weights.average([{**record, "init": None}], [tuned], None, with_init=True)
+        ship_weights.start_weights(run.parent, {**record, "init": None})
+
+
+def test_a_grown_run_is_averaged_with_its_grown_start(tmp_path):
+    """A run that added blocks to its init started from OUT/init.pth, not from the init itself;
+    two runs grown with different fresh blocks have no common start."""
+    runs = [_run(tmp_path / name, "default", 800, "CPU").parent for name in ("m", "n")]
+    for seed, run in enumerate(runs):
+        torch.save({"w": torch.randn(3, 3, generator=torch.Generator().manual_seed(seed))}, run / "init.pth")
+    records = [json.loads((run / "run.json").read_text()) for run in runs]
+    assert torch.equal(ship_weights.common_start(runs[:1], records[:1])["w"], torch.load(runs[0] / "init.pth")["w"])
+    with pytest.raises(SystemExit, match="started from different weights"):
+        ship_weights.common_start(runs, records)
 
 
 def test_metrics_keep_the_margin_and_the_tiles_they_were_measured_at():
