@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .data import CT_DOSE_RANGE, MODALITY_TASK, PairedVolume, fresh_pairs, read_pairs
 from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, deepen, infer_config, read_state_dict
+from .model.checkpoint import DEPTH
 from .tasks import get_task
 
 CONFIGS = {  # "slim" is the shipped default: a 512 x 512 slice in seconds on a 2-core CPU
@@ -294,8 +295,7 @@ def _start_weights(init: str, config: dict, out_dir: Path) -> dict[str, torch.Te
     """The `init` weights, deepened to `config` when it has more blocks; a deepened start is
     written to OUT/init.pth, so that the run can later be averaged with exactly where it began."""
     state = _init_state_dict(init)
-    depth = ("num_blocks", "num_refinement_blocks")
-    if all(infer_config(state)[k] == config[k] for k in depth):
+    if all(infer_config(state)[k] == config[k] for k in DEPTH):
         return state
     state = deepen(state, config)
     save_atomic(state, out_dir / "init.pth")

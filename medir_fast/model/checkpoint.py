@@ -25,6 +25,9 @@ DEFAULT_CONFIG = dict(
 )
 
 
+DEPTH = ("num_blocks", "num_refinement_blocks")  # the settings `deepen` may raise
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
@@ -129,8 +132,7 @@ def deepen(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch
     identity (x + 0) and fine-tuning begins from the trained network's outputs, not from noise.
     """
     old = infer_config(state_dict)
-    depth = ("num_blocks", "num_refinement_blocks")
-    others = [k for k in config if k not in depth and config[k] != old[k]]
+    others = [k for k in config if k not in DEPTH and config[k] != old[k]]
     if others:
         raise CheckpointError(f"can only add blocks to a trained AMIR; these settings differ: {', '.join(others)}")
     if any(n < o for n, o in zip(config["num_blocks"], old["num_blocks"])) or (
