@@ -282,7 +282,7 @@ def _device_name(device: str) -> str:
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def _init_state_dict(init: str) -> dict[str, torch.Tensor]:
+def init_state_dict(init: str) -> dict[str, torch.Tensor]:
     """`default` or a shipped name -> shipped weights; otherwise a checkpoint file."""
     from . import weights
 
@@ -294,7 +294,7 @@ def _init_state_dict(init: str) -> dict[str, torch.Tensor]:
 def _start_weights(init: str, config: dict, out_dir: Path) -> dict[str, torch.Tensor]:
     """The `init` weights, deepened to `config` when it has more blocks; a deepened start is
     written to OUT/init.pth, so that the run can later be averaged with exactly where it began."""
-    state = _init_state_dict(init)
+    state = init_state_dict(init)
     if all(infer_config(state)[k] == config[k] for k in DEPTH):
         return state
     state = deepen(state, config)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medir_fast import data, weights  # noqa: E402
 from medir_fast.evaluate import best_baseline  # noqa: E402
-from medir_fast.training import save_atomic  # noqa: E402
+from medir_fast.training import init_state_dict, save_atomic  # noqa: E402
 
 
 def read_record(run_dir: Path) -> dict:
@@ -59,11 +59,10 @@ def start_weights(run_dir: Path, record: dict) -> dict:
     init = record.get("init")
     if not init:
         raise SystemExit("error: --with-init needs runs that started from weights (train --init)")
-    if init in ("default", *weights.available()):
-        return weights.load(None if init == "default" else init)[0]
-    if not Path(init).is_file():
-        raise SystemExit(f"error: the weights the runs started from are gone: {init}")
-    return torch.load(init, map_location="cpu", weights_only=True)
+    try:
+        return init_state_dict(init)
+    except ValueError as exc:  # a missing or unreadable file (CheckpointError)
+        raise SystemExit(f"error: the weights the runs started from: {exc}") from None
 
 
 def common_start(run_dirs: list[Path], records: list[dict]) -> dict:
