@@ -6,7 +6,9 @@ seen. Other patients' CT slices on a finer grid are far noisier (the other-volum
 re-degrades the *validation* slices (never trained on, not the test set) at such levels: CT at 8x
 the dose and as a head 0.6x as large (both give less noise), PET at 0.3x the uptake (fewer
 counts), CT at 0.25x and 0.1x the dose (more noise), next to protocol v1 itself, and scores each
-model against the input and the per-slice tuned baselines of `medir-fast eval`.
+model against the input and the per-slice tuned baselines of `medir-fast eval`. It also reports how
+much each model changes the noiseless validation CT (`evaluate.texture_change`): the scan's own
+texture that it smooths away, which bounds how well it can do on quiet slices.
 
     python scripts/noise_levels.py WEIGHTS [WEIGHTS ...] [--tile CT=80,PET=64] [--json out.json]
 
@@ -24,7 +26,7 @@ import torch
 from medir_fast import data, simulate
 from medir_fast.api import load_model, resolve_tile
 from medir_fast.data import PairedVolume
-from medir_fast.evaluate import evaluate, parse_tile
+from medir_fast.evaluate import evaluate, parse_tile, texture_change
 from medir_fast.restorer import Restorer
 
 CONDITIONS = {  # name: (modality, dose or uptake factor, head size factor)
@@ -69,6 +71,7 @@ def main() -> None:
     degraded = pairs()
     report = evaluate(degraded, None, baselines=True, progress=False)
     rows = {f: {m: r["psnr"] for m, r in v["methods"].items()} for f, v in report["files"].items()}
+    clean_ct, texture = next(p.hq for p in degraded if p.name == "CT protocol v1"), {}
     for weights in args.weights:
         model = load_model(weights)
         tasks = {m: data.MODALITY_TASK[m] for m in SOURCE}
@@ -77,13 +80,15 @@ def main() -> None:
         scored = evaluate(degraded, restorers, baselines=False, progress=False)
         for f, v in scored["files"].items():
             rows[f][weights] = v["methods"]["model"]["psnr"]
+        texture[weights] = texture_change(restorers["CT"], clean_ct)
     columns = ["input", "bm3d", "gaussian", *args.weights]
     print("PSNR dB on the validation slices | " + " | ".join(columns))
     for f, row in rows.items():
         print(f.split("/", 1)[1] + " | " + " | ".join(f"{row[c]:.2f}" if c in row else "-" for c in columns))
+    print("noiseless validation CT changed by (HU RMSE inside the window) | " + " | ".join(f"{texture[w]:.2f}" for w in args.weights))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"conditions": CONDITIONS, "psnr": rows}, fh, indent=1)
+            json.dump({"conditions": CONDITIONS, "psnr": rows, "texture_change_hu": texture}, fh, indent=1)
 
 
 if __name__ == "__main__":

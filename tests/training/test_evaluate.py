@@ -4,9 +4,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medir_fast import evaluate
+from medir_fast.tasks import get_task
 
 pytest.importorskip("bm3d")
 TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "tiny_state_dict.pth"
@@ -75,3 +77,20 @@ def test_eval_tile_per_modality(layout, tmp_path, capsys):
 def test_eval_bad_tile_is_one_line(layout, capsys, tile, message):
     code, io = _run([str(layout), "--weights", str(TINY_WEIGHTS), "--no-baselines", "--tile", tile], capsys)
     assert code == 1 and message in io.err and io.err.count("\n") == 1
+
+
+def test_texture_change_counts_only_what_the_model_alters_inside_the_window():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(40.0, 5.0, (2, 32, 32)).astype(np.float32)  # soft tissue
+    clean[:, :8] = -1000.0  # air, outside the CT window
+    task = get_task("ct_denoise")
+
+    class Shift:  # changes air arbitrarily and tissue by 3 HU
+        def __init__(self, hu):
+            self.task, self.hu = task, hu
+
+        def restore_slices(self, x):
+            return np.where(x < -500, x + 700.0, x + self.hu)
+
+    assert evaluate.texture_change(Shift(0.0), clean) == 0.0
+    assert evaluate.texture_change(Shift(3.0), clean) == pytest.approx(3.0, rel=1e-5)
