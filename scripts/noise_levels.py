@@ -71,7 +71,8 @@ def main() -> None:
     degraded = pairs()
     report = evaluate(degraded, None, baselines=True, progress=False)
     rows = {f: {m: r["psnr"] for m, r in v["methods"].items()} for f, v in report["files"].items()}
-    clean_ct, texture = next(p.hq for p in degraded if p.name == "CT protocol v1"), {}
+    clean_ct = next(p.hq for p in degraded if p.name == "CT protocol v1")
+    texture = {}
     for weights in args.weights:
         model = load_model(weights)
         tasks = {m: data.MODALITY_TASK[m] for m in SOURCE}
