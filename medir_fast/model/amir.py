@@ -127,9 +127,12 @@ class TransformerBlock(nn.Module):
 
 
 class OverlapPatchEmbed(nn.Module):
-    def __init__(self, in_c: int, embed_dim: int, bias: bool):
+    """The first 3x3 convolution. The official model builds it without a bias whatever its
+    `bias` option says, so a `bias=True` checkpoint has none here."""
+
+    def __init__(self, in_c: int, embed_dim: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_c, embed_dim, kernel_size=3, padding=1, bias=bias)
+        self.proj = nn.Conv2d(in_c, embed_dim, kernel_size=3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -324,7 +327,7 @@ class AMIR(nn.Module):
         )
         ffn, ln = ffn_expansion_factor, LayerNorm_type
         self.dict_generator = PromptGenerator(inp_channels)
-        self.patch_embed = OverlapPatchEmbed(inp_channels, dim, bias)
+        self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
 
         self.encoder_level1 = _blocks(num_blocks[0], dim, heads[0], ffn, bias, ln)
         self.spatial_routing_encoder_level1 = SpatialRouting(dim, ffn)

@@ -1,6 +1,6 @@
-"""The `triton` backend end to end: the `small` golden model (dim 16, blocks [2,2,2,2]) and
-the `tiny` one (batch of two, fp16) against the official model's stored outputs, and the
-backend's availability rules."""
+"""The `triton` backend end to end: the `small` golden model (dim 16, blocks [2,2,2,2]), the
+`tiny` one (batch of two, fp16) and the `biased` and `biasfree` ones against the official
+model's stored outputs, and the backend's availability rules."""
 
 from pathlib import Path
 
@@ -64,6 +64,18 @@ def test_tiny_golden_model_fp16_batch_of_two():
     assert out.shape == expected.shape and not out.isnan().any()
     # The issue's fp16 target against the fp32 model (measured 1.8e-4 under the interpreter).
     assert relative_l2(out, expected) < 5e-4
+
+
+@pytest.mark.parametrize("case", ["biased", "biasfree"])
+def test_other_official_options_fp32(case):
+    """bias=True (biased convolutions, no bias on the first one) and BiasFree LayerNorm with
+    other heads and ffn factor: float32 throughout, as tight as the small model."""
+    model, io = load_golden(case)
+    backend = make_backend("triton", model, torch.device(DEVICE), torch.float32)
+    for x, expected in zip(io["inputs"], io["outputs"]):
+        out = backend.run(x).cpu()
+        assert relative_l2(out, expected) < 1e-5
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
 
 
 def test_cpu_without_interpreter_says_why(monkeypatch):
