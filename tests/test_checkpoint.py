@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+import zipfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -95,3 +100,45 @@ def test_deepen_refuses_other_changes():
         deepen(sd, dict(config, dim=config["dim"] * 2))
     with pytest.raises(CheckpointError, match="cannot remove blocks"):
         deepen(sd, dict(config, num_refinement_blocks=0))
+
+
+def _flip_one_byte_of_a_tensor(src: Path, dst: Path) -> str:
+    """Copy `src` with one bit flipped inside the stored bytes of a tensor record; its name."""
+    with zipfile.ZipFile(src) as archive:
+        info = [i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 64][3]
+    data = bytearray(src.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x04
+    dst.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_flipped_byte_in_a_tensor_is_refused_before_loading(tmp_path, monkeypatch):
+    bad = tmp_path / "flipped.pth"
+    record = _flip_one_byte_of_a_tensor(DATA / "tiny_state_dict.pth", bad)
+    assert torch.load(bad, weights_only=True)  # torch alone would load it, one weight silently wrong
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled a damaged checkpoint"))
+    with pytest.raises(CheckpointError, match=f"record '{record}' fails its CRC-32 check"):
+        load_model(bad)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    data = (DATA / "tiny_state_dict.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) - 200])
+    with pytest.raises(CheckpointError, match="cannot read weights|damaged archive"):
+        read_state_dict(tmp_path / "cut.pth")
+
+
+def test_sha256_file_beside_the_weights_is_verified(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes((DATA / "tiny_state_dict.pth").read_bytes())
+    sidecar = tmp_path / "w.pth.sha256"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    sidecar.write_text(f"{digest}  w.pth\n")  # as sha256sum writes it
+    assert len(read_state_dict(weights)) == len(torch.load(DATA / "tiny_state_dict.pth", weights_only=True))
+    sidecar.write_text("0" * 64 + "\n")
+    with pytest.raises(CheckpointError, match="fail the checksum in w.pth.sha256"):
+        read_state_dict(weights)
+    sidecar.write_text("not a checksum\n")
+    with pytest.raises(CheckpointError, match="does not hold a sha256 checksum"):
+        read_state_dict(weights)

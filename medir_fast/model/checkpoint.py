@@ -1,16 +1,23 @@
 """Loading AMIR checkpoints: official `Generator_best.pth` state dicts and common wrappings.
 
 Everything goes through `torch.load(..., weights_only=True)`: a checkpoint is data, never code.
+Before that, the file's integrity is checked: a flipped bit in a tensor would otherwise load and
+run silently, restoring every scan slightly wrong.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import zipfile
 from pathlib import Path
 
 import torch
 
+from ..weights import sha256
 from .amir import AMIR
+
+log = logging.getLogger("medir_fast")
 
 DEFAULT_CONFIG = dict(
     inp_channels=1,
@@ -41,12 +48,42 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    check_integrity(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; report them all as one
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read weights {path}: {first}") from exc
     return unwrap_state_dict(obj, str(path))
+
+
+def check_integrity(path: Path) -> None:
+    """Refuse a damaged checkpoint before it is unpickled.
+
+    PyTorch checkpoints (since 1.6) are zip archives holding a CRC-32 per record: every record
+    is read back and checked. A `NAME.sha256` file beside the weights (as `sha256sum` writes it)
+    is verified when present. Legacy (non-zip) checkpoints carry no checksums; they load with a
+    warning unless a `.sha256` file vouches for them.
+    """
+    sidecar = path.with_name(path.name + ".sha256")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise CheckpointError(f"weights {path} are a damaged archive (truncated?): {exc}") from exc
+        if bad is not None:
+            raise CheckpointError(f"weights {path} are corrupted: record {bad!r} fails its CRC-32 check")
+    elif not sidecar.is_file():
+        log.warning("weights %s are in the legacy (non-zip) format, which has no checksums: not integrity-checked", path)
+    if sidecar.is_file():
+        expected = (sidecar.read_text(errors="replace").split() or [""])[0].lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", expected):
+            raise CheckpointError(f"{sidecar} does not hold a sha256 checksum")
+        actual = sha256(path)
+        if actual != expected:
+            raise CheckpointError(f"weights {path} fail the checksum in {sidecar.name} (sha256 {actual[:12]}..., "
+                                  f"expected {expected[:12]}...)")
 
 
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
