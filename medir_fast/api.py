@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from . import weights as shipped
-from .io import Volume, VolumeError, read_volume, resampled_affine, write_volume
+from .io import NIFTI_SUFFIXES, OUT_DTYPES, Volume, read_volume, save_volume
 from .model import AMIR, build_model, read_state_dict, unwrap_state_dict
-from .restorer import InputError, Restorer
+from .outputs import Outputs
+from .restorer import MIN_SIZE, InputError, Restorer
 from .tasks import MRI_SR_SCALES, get_task
 
 log = logging.getLogger("medir_fast")
@@ -74,8 +75,12 @@ def restore_file(
     stream: run the slices through the C++ streaming runtime (file reading overlaps compute).
     progress, if given, is called as progress(total_slices, axis) and returns a per-batch
     callback taking the number of slices done.
-    Raises VolumeError / InputError / ValueError with a message meant for the user; nothing is
-    written unless the whole volume was restored.
+
+    Every option, the input's header and every output path (the volume, the preview) are checked
+    before any computation; the outputs are checked (finite, representable) and read back before
+    they are committed together. Raises VolumeError / OutputError / InputError / ValueError with a
+    message meant for the user; on any error or interruption nothing is written and no temporary
+    file is left.
     """
     task_preset = get_task(task)
     if scale is not None and (task_preset.name != "mri_sr" or scale not in MRI_SR_SCALES):
@@ -84,58 +89,72 @@ def restore_file(
         raise InputError("--stream does not resample: leave out --scale or --stream")
     if nan_policy not in NAN_POLICIES:
         raise InputError(f"unknown NaN policy {nan_policy!r}; use one of {', '.join(NAN_POLICIES)}")
-    volume = read_volume(input_path, frame=frame)
-    output_path = Path(output_path)
-    if output_path.exists() and not overwrite:  # fail before the (long) computation; checked again at write
-        raise VolumeError(f"output {output_path} exists; pass --overwrite to replace it")
-    axis = _check_axis(volume, axis)
+    if out_dtype not in OUT_DTYPES:
+        raise InputError(f"unknown output dtype {out_dtype!r}; use one of {', '.join(OUT_DTYPES)}")
     if intensity_range is not None:
         task_preset = task_preset.with_range(*intensity_range)
-    nonfinite, outside, total = _scan(volume, axis, task_preset)
-    if intensity_range is not None and total and outside / total > 0.01:
-        log.warning("%.1f%% of voxels fall outside the range [%g, %g] and will be clipped",
-                    100 * outside / total, task_preset.lo, task_preset.hi)
-    if nonfinite and nan_policy == "error":
-        raise InputError(f"{volume.path} has {nonfinite} NaN/Inf voxels; pass --nan-policy zero to replace them with 0")
+    volume = read_volume(input_path, frame=frame)
+    axis = _check_axis(volume, axis)
+    with Outputs([volume.path], overwrite) as outputs:
+        output_path = outputs.add(output_path, NIFTI_SUFFIXES, "output")
+        if preview is not None:
+            preview = outputs.add(preview, (".png",), "preview")
+        tile = restorer_options.get("tile")
+        restorer_options["tile"] = resolve_tile(tile, weights, task_preset.name) if model is None else (tile or None)
+        restorer = Restorer(model if model is not None else load_model(weights), task_preset, **restorer_options)
 
-    tile = restorer_options.get("tile")
-    restorer_options["tile"] = resolve_tile(tile, weights, task_preset.name) if model is None else (tile or None)
-    restorer = Restorer(model if model is not None else load_model(weights), task_preset, **restorer_options)
+        nonfinite, outside, total = _scan(volume, axis, task_preset)
+        if intensity_range is not None and total and outside / total > 0.01:
+            log.warning("%.1f%% of voxels fall outside the range [%g, %g] and will be clipped",
+                        100 * outside / total, task_preset.lo, task_preset.hi)
+        if nonfinite and nan_policy == "error":
+            raise InputError(f"{volume.path} has {nonfinite} NaN/Inf voxels; pass --nan-policy zero to replace them with 0")
+        restored = _restore(volume, axis, restorer, scale, stream, nonfinite, progress)
+
+        refine = None
+        if scale is not None:
+            in_plane = tuple(i for i in range(len(volume.shape)) if i != axis) if len(volume.shape) == 3 else (0, 1)
+            refine = (in_plane, scale)
+        save_volume(outputs.temporary(output_path), restored, volume, refine, out_dtype)
+        if preview is not None:
+            from .preview import write_preview
+
+            write_preview(outputs.temporary(preview), volume, restored, axis, task_preset, scale)
+        outputs.commit()
+    return output_path
+
+
+def _restore(volume: Volume, axis: int, restorer: Restorer, scale, stream: bool, nonfinite: int, progress) -> np.ndarray:
+    """The restored volume (float32, physical units), read slab by slab."""
     finite = (lambda a: np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)) if nonfinite else (lambda a: a)
     on_batch = progress(volume.shape[axis] if len(volume.shape) == 3 else 1, axis) if progress else None
     if len(volume.shape) == 2:
         restored = restorer.restore_slices(finite(volume.read()), scale)
         if on_batch:
             on_batch(1)
-    else:
-        slabs = (finite(s) for s in volume.slabs(axis, restorer.batch_size))
-        if stream:
-            from .runtime import restore_slabs_streaming
+        return restored
+    slabs = (finite(s) for s in volume.slabs(axis, restorer.batch_size))
+    if stream:
+        from .runtime import restore_slabs_streaming
 
-            restored = restore_slabs_streaming(restorer, slabs, volume.shape, axis, on_batch)
-        else:
-            restored = restorer.restore_slabs(slabs, volume.shape, axis, scale, on_batch)
-
-    affine = None
-    if scale is not None:
-        in_plane = tuple(i for i in range(len(volume.shape)) if i != axis) if len(volume.shape) == 3 else (0, 1)
-        affine = resampled_affine(volume.affine, in_plane, scale)
-    path = write_volume(output_path, restored, volume, affine=affine, out_dtype=out_dtype, overwrite=overwrite)
-    if preview is not None:
-        from .preview import write_preview
-
-        write_preview(preview, volume, restored, axis, task_preset, scale)
-    return path
+        return restore_slabs_streaming(restorer, slabs, volume.shape, axis, on_batch)
+    return restorer.restore_slabs(slabs, volume.shape, axis, scale, on_batch)
 
 
 def _check_axis(volume: Volume, axis: int | None) -> int:
+    """The slicing axis, checked, and slices along it large enough for the network."""
     ndim = len(volume.shape)
     if ndim == 2:
-        return 0
-    if axis is None:
-        return volume.slice_axis()
-    if not 0 <= axis < ndim:
-        raise InputError(f"--axis {axis} is out of range for a {ndim}-D volume (0..{ndim - 1})")
+        axis, in_plane = 0, volume.shape
+    else:
+        if axis is None:
+            axis = volume.slice_axis()
+        if not 0 <= axis < ndim:
+            raise InputError(f"--axis {axis} is out of range for a {ndim}-D volume (0..{ndim - 1})")
+        in_plane = [n for i, n in enumerate(volume.shape) if i != axis]
+    if min(in_plane) < MIN_SIZE:
+        raise InputError(f"{volume.path}: slices along axis {axis} are {in_plane[0]}x{in_plane[1]}, too small: AMIR needs "
+                         f"at least {MIN_SIZE}x{MIN_SIZE} pixels")
     return axis
 
 

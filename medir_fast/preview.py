@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .io import Volume, atomic_output
+from .io import Volume
 from .tasks import Task
 
 GAP = 4  # pixels between panels
@@ -25,7 +24,8 @@ def middle_slice(volume: np.ndarray, axis: int) -> np.ndarray:
 def write_preview(path: str | Path, volume: Volume, restored: np.ndarray, axis: int, task: Task,
                   scale: int | None = None) -> Path:
     """PNG: input | output in the task's display window, then output - input in a symmetric
-    window of a quarter of the display width (mid-grey = no change). Written atomically."""
+    window of a quarter of the display width (mid-grey = no change). `path` is written as it is:
+    `restore_file` gives a temporary that it commits together with the volume."""
     if len(volume.shape) == 2:
         before = volume.read()
     else:
@@ -43,13 +43,6 @@ def write_preview(path: str | Path, volume: Volume, restored: np.ndarray, axis: 
     canvas = np.zeros((h, 3 * w + 2 * GAP), dtype=np.uint8)
     for i, p in enumerate(panels):
         canvas[:, i * (w + GAP): i * (w + GAP) + w] = p
-    path = Path(path)
-    tmp = atomic_output(path, ".png")
-    try:
-        Image.fromarray(canvas).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    Image.fromarray(canvas).save(path, format="PNG")
+    return Path(path)
 

@@ -24,6 +24,7 @@ import numpy as np
 from . import _runtime
 
 NAN_POLICIES = ("error", "replace")
+POLL_SECONDS = 0.1  # longest a consumer waits inside the runtime before Python can handle a signal
 
 StreamClosed = _runtime.StreamClosed  # RuntimeError: push after finish()/close() or after a backend failure
 
@@ -33,12 +34,14 @@ class StreamEnded(EOFError):
 
 
 class SliceFailed(RuntimeError):
-    """A slice the runtime could not restore (the backend raised); the stream carries on delivering."""
+    """A slice the runtime could not restore (the backend raised, or its output has NaN or
+    infinite voxels: `nonfinite` counts them); the stream carries on delivering."""
 
-    def __init__(self, index: int, reason: str):
+    def __init__(self, index: int, reason: str, nonfinite: int = 0):
         super().__init__(f"slice {index} failed: {reason}")
         self.index = index
         self.reason = reason
+        self.nonfinite = nonfinite
 
 
 class Stream:
@@ -79,12 +82,17 @@ class Stream:
         """The next restored slice in push order ([H, W] float32, task units).
 
         Raises TimeoutError when none is ready within `timeout` seconds, SliceFailed for a slice
-        that could not be restored (its turn in the order), StreamEnded after the last one
-        (or once the stream is closed).
+        that could not be restored or whose output is not finite (its turn in the order; no
+        non-finite voxel is ever handed out), StreamEnded after the last one (or once the stream
+        is closed).
         """
         kind, *rest = self._impl.pop(timeout)
         if kind == "ok":
-            return rest[1]
+            index, restored = rest
+            nonfinite = int(restored.size - np.count_nonzero(np.isfinite(restored)))
+            if nonfinite:
+                raise SliceFailed(index, f"{nonfinite} restored voxels are NaN or infinite", nonfinite)
+            return restored
         if kind == "failed":
             raise SliceFailed(*rest)
         if kind == "timeout":
@@ -100,10 +108,15 @@ class Stream:
         self._impl.close()
 
     def __iter__(self):
-        """Restored slices until the stream ends (after finish()); a failed slice raises SliceFailed."""
+        """Restored slices until the stream ends (after finish()); a failed slice raises SliceFailed.
+
+        It waits in short steps, so that a signal handler (SIGINT, SIGTERM) runs promptly in the
+        thread that iterates."""
         while True:
             try:
-                yield self.pop()
+                yield self.pop(POLL_SECONDS)
+            except TimeoutError:
+                continue
             except StreamEnded:
                 return
 
@@ -149,6 +162,10 @@ def restore_slabs_streaming(restorer, slabs, shape, axis: int, progress=None, ba
                 done += 1
                 if progress is not None:
                     progress(1)
+        except SliceFailed as exc:
+            if exc.nonfinite:  # as `io.stored_values` says it for the whole volume
+                raise ValueError(f"slice {exc.index}: {exc.reason}; nothing was written") from exc
+            raise
         finally:
             if done < n or read_error:
                 stream.close()

@@ -31,8 +31,8 @@ class Task:
         return y * (self.hi - self.lo) + self.lo
 
     def with_range(self, lo: float, hi: float) -> "Task":
-        if not hi > lo:
-            raise ValueError(f"intensity range must have LO < HI, got [{lo}, {hi}]")
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            raise ValueError(f"intensity range must be finite with LO < HI, got [{lo}, {hi}]")
         return Task(self.name, self.modality, float(lo), float(hi), self.window, self.unit, self.description)
 
 

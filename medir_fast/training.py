@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -391,29 +390,25 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     modalities = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
     bad = [m for m in modalities if m not in MODALITY_TASK]
-    try:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device} asked for, but this torch build sees no CUDA device")
-        if (args.data is None) == (not args.simulate):
-            raise ValueError("give either a paired data folder or --simulate")
-        if args.pool_slices < 2 or args.refresh_every < 1:
-            raise ValueError("--pool-slices must be at least 2 and --refresh-every at least 1")
-        if bad or not modalities:
-            raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
-        crop = parse_crop(args.crop, modalities)
-        mix = parse_mix(args.mix, modalities)
-        ct_dose = parse_dose(args.ct_dose)
-        config = resolve_config(args.config)
-        if args.steps is not None and args.time_budget is not None:
-            raise ValueError("give --steps or --time-budget, not both")
-        steps = args.steps if args.steps is not None or args.time_budget is not None else 20000
-        summary = train(args.data, args.out, config, steps, args.batch_size, crop, args.lr, args.device,
-                        args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities,
-                        simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every, mix=mix,
-                        ct_dose=ct_dose)
-    except (ValueError, OSError) as exc:  # DataError, CheckpointError and WeightsError are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for, but this torch build sees no CUDA device")
+    if (args.data is None) == (not args.simulate):
+        raise ValueError("give either a paired data folder or --simulate")
+    if args.pool_slices < 2 or args.refresh_every < 1:
+        raise ValueError("--pool-slices must be at least 2 and --refresh-every at least 1")
+    if bad or not modalities:
+        raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
+    crop = parse_crop(args.crop, modalities)
+    mix = parse_mix(args.mix, modalities)
+    ct_dose = parse_dose(args.ct_dose)
+    config = resolve_config(args.config)
+    if args.steps is not None and args.time_budget is not None:
+        raise ValueError("give --steps or --time-budget, not both")
+    steps = args.steps if args.steps is not None or args.time_budget is not None else 20000
+    summary = train(args.data, args.out, config, steps, args.batch_size, crop, args.lr, args.device,
+                    args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities,
+                    simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every, mix=mix,
+                    ct_dose=ct_dose)
     export_weights(summary["checkpoint"], Path(args.out) / "weights.pth")
     losses = summary["losses"]
     tail = f", mean loss of the last 100 steps {np.mean(losses[-100:]):.4f}" if losses else ""

@@ -11,6 +11,7 @@ from PIL import Image
 
 from medir_fast import Restorer, restore_file
 from medir_fast.io import VolumeError, read_volume, resampled_affine, write_volume
+from medir_fast.outputs import OutputError
 from medir_fast.restorer import InputError
 
 from .conftest import write_nifti
@@ -112,11 +113,11 @@ def test_range_override_warns_when_much_is_outside(tmp_path, tiny_model, caplog)
 
 def test_existing_output_needs_overwrite_and_input_is_never_overwritten(tmp_path, ct_volume, tiny_model):
     before = ct_volume.read_bytes()
-    with pytest.raises(VolumeError, match="is the input"):
+    with pytest.raises(OutputError, match="is the input"):
         restore_file(ct_volume, ct_volume, "ct_denoise", model=tiny_model, overwrite=True)
     out = tmp_path / "o.nii.gz"
     out.write_bytes(b"keep me")
-    with pytest.raises(VolumeError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         restore_file(ct_volume, out, "ct_denoise", model=tiny_model)
     assert out.read_bytes() == b"keep me"
     restore_file(ct_volume, out, "ct_denoise", model=tiny_model, overwrite=True)

@@ -1,6 +1,5 @@
 """`medir-fast eval`: input, model and tuned baselines per task, as a table and JSON."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from medir_fast import evaluate
+from medir_fast.cli import main
 from medir_fast.tasks import get_task
 
 pytest.importorskip("bm3d")
@@ -15,9 +15,7 @@ TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "tiny_state_dict.p
 
 
 def _run(args_list, capsys):
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    code = evaluate.run(parser.parse_args(args_list))
+    code = main(["eval", *args_list])
     return code, capsys.readouterr()
 
 
@@ -45,7 +43,7 @@ def test_eval_reports_every_method(layout, tmp_path, capsys):
 
 def test_eval_bad_input_is_one_line(tmp_path, capsys):
     code, io = _run([str(tmp_path / "nowhere"), "--no-model"], capsys)
-    assert code == 1 and "data folder not found" in io.err and io.err.count("\n") == 1
+    assert code == 2 and "data folder not found" in io.err and io.err.count("\n") == 1
 
 
 def test_best_baseline_counts_the_input():
@@ -76,7 +74,7 @@ def test_eval_tile_per_modality(layout, tmp_path, capsys):
                                            ("big", "--tile must be a size or one per")])
 def test_eval_bad_tile_is_one_line(layout, capsys, tile, message):
     code, io = _run([str(layout), "--weights", str(TINY_WEIGHTS), "--no-baselines", "--tile", tile], capsys)
-    assert code == 1 and message in io.err and io.err.count("\n") == 1
+    assert code == 2 and message in io.err and io.err.count("\n") == 1
 
 
 def test_texture_change_counts_only_what_the_model_alters_inside_the_window():
