@@ -267,7 +267,8 @@ def stored_values(data: np.ndarray, volume: Volume, out_dtype: str) -> tuple[np.
 
 def save_volume(path: Path, data: np.ndarray, volume: Volume, refine=None, out_dtype: str = "float32") -> None:
     """Write `data` (physical units) with `volume`'s geometry into `path` (a temporary that the
-    caller commits), then read it back: every stored value must be the intended one."""
+    caller commits), then read it back: every stored value must be the intended one (if not,
+    that is a bug here, raised as RuntimeError)."""
     stored, slope, inter = stored_values(data, volume, out_dtype)
     header = output_header(volume, data.shape, refine)
     header.set_data_dtype(stored.dtype)
@@ -278,7 +279,7 @@ def save_volume(path: Path, data: np.ndarray, volume: Volume, refine=None, out_d
         array_to_file(stored, f, stored.dtype, header.get_data_offset(), order="F")
     written = nib.load(path)
     if written.shape != stored.shape or not np.array_equal(np.asarray(written.dataobj.get_unscaled()), stored):
-        raise VolumeError(f"{path} does not read back as written; nothing was committed")
+        raise RuntimeError("the output file does not read back as written (a bug: byte order or type); nothing was written")
 
 
 def write_volume(

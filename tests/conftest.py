@@ -39,7 +39,7 @@ def write_nifti(path: Path, data: np.ndarray, zooms=(0.8, 0.8, 2.5), dtype=None,
     if affine is None:
         affine = np.diag([*zooms[: data.ndim], *([1.0] * (3 - min(3, data.ndim))), 1.0])[:4, :4]
         affine[:3, 3] = [-10.0, 20.0, -30.0]
-    img = nib.Nifti1Image(data, affine)
+    img = nib.Nifti1Image(data, affine, dtype=dtype if dtype is not None else data.dtype)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=2)
