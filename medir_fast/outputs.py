@@ -182,7 +182,7 @@ class Outputs:
     def discard(self) -> None:
         """Remove every temporary still on disk."""
         with _holding_signals():
-            for tmp in self._temporaries:
+            for tmp in list(self._temporaries):
                 self._remove(tmp)
 
     def __enter__(self) -> "Outputs":

@@ -1,0 +1,251 @@
+"""Every output path checked before any work, outputs committed together, options validated
+first, outputs checked before they are written, `--scale` geometry carried in world coordinates."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import medir_fast.api as api
+from medir_fast import Restorer, restore_file
+from medir_fast.cli import main
+from medir_fast.io import VolumeError, read_volume, resampled_affine, stored_values
+from medir_fast.outputs import OutputError, Outputs
+from medir_fast.restorer import InputError
+from medir_fast.runtime import SliceFailed, Stream
+from medir_fast.tasks import get_task
+
+from .conftest import DATA, write_nifti
+from .test_checkpoint import _flip_one_byte_of_a_tensor
+
+TINY = DATA / "tiny_state_dict.pth"
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _symlink(t: Path, target: Path, name: str) -> Path:
+    (t / name).symlink_to(target)
+    return t / name
+
+
+def _hardlink(t: Path, target: Path, name: str) -> Path:
+    os.link(target, t / name)
+    return t / name
+
+
+def _existing(t: Path, name: str) -> Path:
+    (t / name).write_bytes(b"keep me")
+    return t / name
+
+
+def _folder(t: Path, name: str) -> Path:
+    (t / name).mkdir()
+    return t / name
+
+
+def _flipped_weights(t: Path) -> Path:
+    weights = t / "weights" / "flipped.pth"
+    weights.parent.mkdir()
+    _flip_one_byte_of_a_tensor(TINY, weights)
+    return weights
+
+
+# case -> (extra arguments made from (folder, input), the one line's text)
+BAD_ARGUMENTS = {
+    "preview naming the input": (lambda t, i: ["--preview", i], "preview must end in .png"),
+    "preview symlinked to the input": (lambda t, i: ["--preview", _symlink(t, i, "p.png"), "--overwrite"], "is the input"),
+    "preview hard-linked to the input": (lambda t, i: ["--preview", _hardlink(t, i, "p.png"), "--overwrite"],
+                                         "is the input"),
+    "existing preview without --overwrite": (lambda t, i: ["--preview", _existing(t, "p.png")], "p.png exists"),
+    "preview in a missing folder": (lambda t, i: ["--preview", t / "missing" / "p.png"], "preview folder does not exist"),
+    "preview that is a folder": (lambda t, i: ["--preview", _folder(t, "p.png")], "is a folder"),
+    "preview that is the output": (lambda t, i: ["-o", _existing(t, "o.nii.gz"), "--overwrite",
+                                                 "--preview", _symlink(t, t / "o.nii.gz", "p.png")], "is also the output"),
+    "output symlinked to the input": (lambda t, i: ["-o", _symlink(t, i, "o.nii.gz"), "--overwrite"], "is the input"),
+    "output hard-linked to the input": (lambda t, i: ["-o", _hardlink(t, i, "o.nii.gz"), "--overwrite"], "is the input"),
+    "output that is a folder": (lambda t, i: ["-o", _folder(t, "o.nii.gz")], "is a folder"),
+    "output that is a folder without suffix": (lambda t, i: ["-o", _folder(t, "out")], "output must end in"),
+    "output not NIfTI": (lambda t, i: ["-o", t / "o.png"], "output must end in"),
+    "range with inf": (lambda t, i: ["--range", "-1024", "inf"], "must be finite"),
+    "range with nan": (lambda t, i: ["--range", "0", "nan"], "must be finite"),
+    "weights with a flipped byte": (lambda t, i: ["--weights", _flipped_weights(t)], "fails its CRC-32 check"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_paths_and_options_are_refused_before_any_work(tmp_path, capsys, monkeypatch, case):
+    src = write_nifti(tmp_path / "ct.nii.gz", np.random.default_rng(0).normal(40, 300, (20, 18, 3)).astype(np.int16))
+    original = src.read_bytes()
+    make, pattern = BAD_ARGUMENTS[case]
+    extra = [str(a) for a in make(tmp_path, src)]
+    before = files_in(tmp_path)
+    contents = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(api, "_restore", lambda *a, **k: pytest.fail("computed before refusing"))
+    weights = [] if "--weights" in extra else ["--weights", str(TINY)]
+    code = main(["infer", str(src), "--task", "ct_denoise", *weights, *extra])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert pattern in lines[0], lines[0]
+    assert files_in(tmp_path) == before
+    assert {p: p.read_bytes() for p in contents} == contents  # the input and every other file untouched
+    assert src.read_bytes() == original
+
+
+def test_preview_and_volume_are_written_together(tmp_path, ct_volume, tiny_model):
+    out, png = tmp_path / "o.nii.gz", tmp_path / "p.png"
+    restore_file(ct_volume, out, "ct_denoise", model=tiny_model, preview=png)
+    assert out.exists() and png.exists()
+    assert files_in(tmp_path) == ["ct.nii.gz", "o.nii.gz", "p.png"]
+
+
+def test_failed_preview_leaves_no_volume(tmp_path, ct_volume, tiny_model, monkeypatch):
+    import medir_fast.preview as preview
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(preview.Image, "fromarray", broken)
+    with pytest.raises(OSError, match="disk full"):
+        restore_file(ct_volume, tmp_path / "o.nii.gz", "ct_denoise", model=tiny_model, preview=tmp_path / "p.png")
+    assert files_in(tmp_path) == ["ct.nii.gz"]
+
+
+def test_commit_is_all_or_none_and_puts_replaced_files_back(tmp_path, monkeypatch):
+    first, second = tmp_path / "a.nii", tmp_path / "b.png"
+    first.write_bytes(b"old a")
+    real_replace = os.replace
+
+    def failing_on_b(src, dst):
+        if Path(dst) == second:
+            raise OSError("no space left on device")
+        real_replace(src, dst)
+    with Outputs([], overwrite=True) as outputs:
+        for target in (outputs.add(first, (".nii",), "output"), outputs.add(second, (".png",), "preview")):
+            outputs.temporary(target).write_bytes(b"new")
+        monkeypatch.setattr(os, "replace", failing_on_b)
+        with pytest.raises(OSError, match="no space"):
+            outputs.commit()
+    assert files_in(tmp_path) == ["a.nii"] and first.read_bytes() == b"old a"
+
+
+def test_leaving_by_an_error_removes_every_temporary(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with Outputs([]) as outputs:
+            target = outputs.add(tmp_path / "o.nii.gz", (".nii.gz",), "output")
+            outputs.temporary(target).write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert files_in(tmp_path) == []
+
+
+def test_bad_out_dtype_is_refused_before_any_work(tmp_path, ct_volume, monkeypatch):
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(InputError, match="unknown output dtype 'int16'"):
+        restore_file(ct_volume, tmp_path / "o.nii.gz", "ct_denoise", out_dtype="int16")
+    assert files_in(tmp_path) == ["ct.nii.gz"]
+
+
+class NaNBackend:
+    """A backend whose output has NaN voxels (as a diverging model or a broken kernel gives)."""
+
+    name = "nan"
+
+    def __init__(self, backend):
+        self.inner = backend
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.inner.run(batch).clone()
+        out[..., 3, 4] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_non_finite_output_is_never_written(tmp_path, ct_volume, tiny_model, monkeypatch, stream):
+    original = Restorer.__init__
+
+    def with_nan_backend(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.backend = NaNBackend(self.backend)
+    monkeypatch.setattr(Restorer, "__init__", with_nan_backend)
+    with pytest.raises(ValueError, match="NaN or infinite; nothing was written") as exc:
+        restore_file(ct_volume, tmp_path / "o.nii.gz", "ct_denoise", model=tiny_model, batch_size=2, stream=stream)
+    if not stream:
+        assert "5 of 11285 output voxels" in str(exc.value)  # one per slice
+    assert files_in(tmp_path) == ["ct.nii.gz"]
+
+
+def test_stream_never_hands_out_a_non_finite_slice():
+    class Half:
+        task = get_task("pet_synthesis")
+
+        def restore_normalized(self, batch):
+            out = batch.copy()
+            out[1:, 0, 0] = np.inf
+            return out
+    with Stream(Half(), batch_size=2, shape=(16, 16)) as stream:
+        for _ in range(2):
+            stream.push(np.ones((16, 16), np.float32))
+        stream.finish()
+        assert stream.pop(30).shape == (16, 16)
+        with pytest.raises(SliceFailed, match="1 restored voxels are NaN or infinite") as exc:
+            stream.pop(30)
+        assert exc.value.index == 1 and exc.value.nonfinite == 1
+
+
+def test_values_that_do_not_fit_the_input_type_are_counted_not_clipped(tmp_path):
+    src = write_nifti(tmp_path / "u8.nii", np.full((16, 16, 2), 100, np.uint8), dtype=np.uint8)
+    volume = read_volume(src)
+    data = np.full((16, 16, 2), 100.0, np.float32)
+    data[0, 0, 0], data[1, 1, 1] = 300.0, -5.0
+    with pytest.raises(VolumeError, match="2 of 512 output voxels do not fit the input's type uint8"):
+        stored_values(data, volume, "input")
+    stored, slope, inter = stored_values(np.full((16, 16, 2), 254.6, np.float32), volume, "input")
+    assert stored.dtype == np.uint8 and (stored == 255).all() and (slope, inter) == (1.0, 0.0)
+
+
+# --------------------------------------------------------------------------- --scale geometry
+
+
+def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    return (affine @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+
+
+@pytest.mark.parametrize("qcode,scode", [(1, 2), (0, 2), (1, 0), (0, 0), (2, 4)])
+def test_scale_carries_qform_and_sform_each_with_its_code(tmp_path, tiny_model, qcode, scode):
+    """qform and sform differ (the sform is sheared and rotated); each is carried onto the finer
+    grid: every new voxel centre sits where the old grid puts that continuous index, and the
+    field of view's corners stay put, in world coordinates."""
+    lr = np.random.default_rng(1).uniform(0, 3000, size=(12, 10, 3)).astype(np.float32)
+    img = nib.Nifti1Image(lr, None)
+    qform = np.diag([2.0, 2.0, 3.0, 1.0])
+    qform[:3, 3] = [-11.0, 7.0, 30.0]
+    c, s = np.cos(0.3), np.sin(0.3)
+    sform = np.array([[2 * c, -2 * s, 0.4, 5.0], [2 * s, 2 * c, 0.0, -8.0], [0.0, 0.0, 3.1, 12.0], [0, 0, 0, 1]])
+    img.header.set_qform(qform, code=qcode)
+    img.header.set_sform(sform, code=scode)
+    img.header.set_xyzt_units("mm", "sec")
+    src = tmp_path / "lr.nii.gz"
+    img.to_filename(src)
+    before = nib.load(src).header
+    out = nib.load(restore_file(src, tmp_path / "sr.nii.gz", "mri_sr", model=tiny_model, scale=2))
+    after = out.header
+    assert out.shape == (24, 20, 3)
+    assert (int(after["qform_code"]), int(after["sform_code"])) == (qcode, scode)
+    assert after.get_xyzt_units() == ("mm", "sec")
+    new_ijk = np.random.default_rng(2).uniform(-0.5, 19.5, size=(50, 3)) * [1, 1, 0.1]
+    old_ijk = new_ijk.copy()
+    old_ijk[:, :2] = (new_ijk[:, :2] + 0.5) / 2 - 0.5
+    for name in ("get_qform", "get_sform"):
+        old, new = getattr(before, name)(), getattr(after, name)()
+        np.testing.assert_allclose(_world(new, new_ijk), _world(old, old_ijk), atol=1e-4, err_msg=name)
+        corners = np.array([[-0.5, -0.5, 0], [11.5, 9.5, 0], [-0.5, 9.5, 2]])
+        np.testing.assert_allclose(_world(new, np.array([[-0.5, -0.5, 0], [23.5, 19.5, 0], [-0.5, 19.5, 2]])),
+                                   _world(old, corners), atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(after.get_zooms()[:3], (1.0, 1.0, 3.0), atol=1e-6)
+    np.testing.assert_allclose(after.get_sform(), resampled_affine(before.get_sform(), (0, 1), 2), atol=1e-5)
