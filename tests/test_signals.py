@@ -1,0 +1,101 @@
+"""SIGINT, SIGTERM and SIGHUP sent to a real `medir-fast infer` run at several moments: exit
+128 + signal, one line, no temporary or partial file, the input untouched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .conftest import DATA, write_nifti
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
+                                reason="reads signal dispositions from /proc (Linux)")
+
+WAIT = 120.0  # seconds; far above any legitimate wait here
+
+
+def _catches_our_signals(pid: int) -> bool:
+    """Whether the process has installed its handlers (SigCgt holds SIGHUP, SIGINT and SIGTERM)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return all(caught >> (s - 1) & 1 for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM))
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} within {WAIT} s")
+        time.sleep(0.005)
+
+
+def _partial(folder: Path) -> bool:
+    """A temporary output being written (not the empty probe made while checking the path)."""
+    return any(p.name.startswith(".") and ".partial" in p.name and p.stat().st_size > 0
+               for p in folder.iterdir() if p.exists())
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    """A 256 x 256 x 24 CT-like volume: a few seconds of compute and a gzip write long enough
+    to be caught in the act, with the tiny golden model."""
+    folder = tmp_path_factory.mktemp("signals")
+    rng = np.random.default_rng(0)
+    return write_nifti(folder / "ct.nii.gz", rng.normal(40, 300, (256, 256, 24)).astype(np.float32))
+
+
+MOMENTS = {
+    "starting": lambda folder, proc: None,  # handlers in place, PyTorch and the model still loading
+    "computing": lambda folder, proc: time.sleep(4.0),
+    "writing": lambda folder, proc: _wait_for(lambda: _partial(folder), proc, "temporary output being written"),
+}
+
+
+@pytest.mark.parametrize("sig,moment,stream", [
+    (signal.SIGTERM, "starting", False),
+    (signal.SIGTERM, "computing", False),
+    (signal.SIGTERM, "writing", False),
+    (signal.SIGINT, "computing", True),
+    (signal.SIGINT, "writing", False),
+    (signal.SIGHUP, "writing", False),
+], ids=lambda v: v.name if isinstance(v, signal.Signals) else ("stream" if v is True else None if v is False else v))
+def test_signal_leaves_nothing_behind(tmp_path, volume, sig, moment, stream):
+    src = tmp_path / volume.name
+    src.write_bytes(volume.read_bytes())
+    original = src.read_bytes()
+    cmd = [sys.executable, "-m", "medir_fast.cli", "infer", str(src), "--task", "ct_denoise", "--weights",
+           str(DATA / "tiny_state_dict.pth"), "-o", str(tmp_path / "out.nii.gz"), "--preview", str(tmp_path / "p.png"),
+           "--batch-size", "2", *(["--stream"] if stream else [])]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(lambda: _catches_our_signals(proc.pid), proc, "signal handlers")
+        MOMENTS[moment](tmp_path, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 128 + sig, err
+    assert len(lines) == 1 and f"interrupted by {sig.name}" in lines[0], err
+    assert src.read_bytes() == original
+    if "after writing" in lines[0]:  # it came while the finished files were being renamed: all complete
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "out.nii.gz", "p.png"]
+        assert np.isfinite(nib.load(tmp_path / "out.nii.gz").get_fdata()).all()
+    else:
+        assert "nothing was written" in lines[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
