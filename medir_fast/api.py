@@ -96,9 +96,9 @@ def restore_file(
     volume = read_volume(input_path, frame=frame)
     axis = _check_axis(volume, axis)
     with Outputs([volume.path], overwrite) as outputs:
-        output_path = outputs.add(output_path, NIFTI_SUFFIXES, "output")
+        output_path = outputs.add(output_path, "output", NIFTI_SUFFIXES)
         if preview is not None:
-            preview = outputs.add(preview, (".png",), "preview")
+            preview = outputs.add(preview, "preview", (".png",))
         tile = restorer_options.get("tile")
         restorer_options["tile"] = resolve_tile(tile, weights, task_preset.name) if model is None else (tile or None)
         restorer = Restorer(model if model is not None else load_model(weights), task_preset, **restorer_options)

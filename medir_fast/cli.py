@@ -186,11 +186,14 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_example(args: argparse.Namespace) -> int:
     from .data import example
+    from .io import NIFTI_SUFFIXES
+    from .outputs import Outputs
 
-    out = Path(args.output or f"example_{args.task}.nii.gz")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    print(example(args.task, out))
+    with Outputs(overwrite=args.overwrite) as outputs:  # the path checked before the download
+        out = outputs.add(args.output or f"example_{args.task}.nii.gz", "output", NIFTI_SUFFIXES)
+        example(args.task, outputs.temporary(out))
+        outputs.commit()
+    print(out)
     return 0
 
 

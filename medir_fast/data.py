@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from . import simulate
+from .outputs import write_atomically
 
 CACHE = Path(os.environ.get("MEDIR_FAST_CACHE", Path.home() / ".cache" / "medir-fast"))
 MODALITY_TASK = {"CT": "ct_denoise", "MRI": "mri_sr", "PET": "pet_synthesis"}
@@ -250,9 +251,7 @@ def _tmp_nifti(blob: bytes, suffix: str) -> nib.Nifti1Image:
 def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     """Write atomically: a partly written file must never look like a finished one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), tmp))
 
 
 # --------------------------------------------------------------------------- protocol-v1 pairs

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from . import simulate
 from .data import CACHE, MODALITY_TASK, PairedVolume, read_pairs
+from .outputs import write_atomically
 
 BM3D_FACTORS = (0.75, 1.25, 2.0, 3.0, 4.5)  # x the MAD noise estimate; widened at the edges
 GAUSSIAN_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # pixels
@@ -104,9 +104,7 @@ def baseline_scores(pair: PairedVolume, method: str, cache: Path | None, progres
         store = json.loads(cache.read_text()) if cache.is_file() else {}  # re-read: another run may have added
         store[key] = result
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        tmp.write_text(json.dumps(store))
-        os.replace(tmp, cache)
+        write_atomically(cache, lambda tmp: tmp.write_text(json.dumps(store)), "baseline cache")
     return result
 
 
@@ -244,5 +242,5 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         clean = json.loads(json.dumps(report), parse_constant=lambda c: None)  # inf PSNR -> null
-        path.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n"), "report")
     return 0

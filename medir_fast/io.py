@@ -293,7 +293,7 @@ def write_volume(
     """Write `data` (physical units) with `volume`'s geometry to a new NIfTI file, all or nothing
     (`save_volume` into a temporary, committed by `Outputs`)."""
     with Outputs([volume.path], overwrite) as outputs:
-        target = outputs.add(path, NIFTI_SUFFIXES, "output")
+        target = outputs.add(path, "output", NIFTI_SUFFIXES)
         save_volume(outputs.temporary(target), data, volume, refine, out_dtype)
         outputs.commit()
     return target

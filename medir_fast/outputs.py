@@ -14,7 +14,7 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -93,7 +93,7 @@ class Outputs:
     """The output files of one run, written all or none.
 
         with Outputs(inputs=[input_path], overwrite=False) as outputs:
-            out = outputs.add("restored.nii.gz", (".nii", ".nii.gz"), "output")  # checked now
+            out = outputs.add("restored.nii.gz", "output", (".nii", ".nii.gz"))  # checked now
             ... the long computation ...
             write(outputs.temporary(out))
             outputs.commit()          # every temporary renamed onto its target, or none
@@ -111,10 +111,11 @@ class Outputs:
         self.pending: dict[Path, Path] = {}  # target -> its finished temporary
         self._temporaries: list[Path] = []  # every temporary made, registered before it exists
 
-    def add(self, path: str | Path, suffixes: tuple[str, ...], what: str) -> Path:
-        """Check a target path now, before any work; returns it as a Path."""
+    def add(self, path: str | Path, what: str = "output", suffixes: tuple[str, ...] | None = None) -> Path:
+        """Check a target path now, before any work; returns it as a Path. `what` names it in
+        messages; `suffixes`, when given, are the endings it must have."""
         path = Path(path)
-        if not path.name.lower().endswith(suffixes):
+        if suffixes and not path.name.lower().endswith(suffixes):
             raise OutputError(f"{what} must end in {' or '.join(suffixes)}: {path}")
         if path.is_dir():
             raise OutputError(f"{what} {path} is a folder; give a file name")
@@ -192,7 +193,7 @@ class Outputs:
         self.discard()
 
     def _new_temporary(self, target: Path, create: bool = True) -> Path:
-        suffix = next((s for s in (".nii.gz", ".nii", ".png") if target.name.lower().endswith(s)), "")
+        suffix = ".nii.gz" if target.name.lower().endswith(".nii.gz") else target.suffix  # what writers go by
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial{suffix}")
         self._temporaries.append(tmp)  # before it exists: a signal can never orphan it
         if create:
@@ -203,3 +204,13 @@ class Outputs:
         tmp.unlink(missing_ok=True)
         if tmp in self._temporaries:
             self._temporaries.remove(tmp)
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], object], what: str = "output",
+                     overwrite: bool = True) -> Path:
+    """One file, whole or not at all: `write(temporary)`, then renamed onto `path`."""
+    with Outputs(overwrite=overwrite) as outputs:
+        target = outputs.add(path, what)
+        write(outputs.temporary(target))
+        outputs.commit()
+    return target

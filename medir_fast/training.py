@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .data import CT_DOSE_RANGE, MODALITY_TASK, PairedVolume, fresh_pairs, read_pairs
 from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, deepen, infer_config, read_state_dict
 from .model.checkpoint import DEPTH
+from .outputs import write_atomically
 from .tasks import get_task
 
 CONFIGS = {  # "slim" is the shipped default: a 512 x 512 slice in seconds on a 2-core CPU
@@ -139,12 +140,10 @@ class FreshPairStream:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over the target."""
+    """torch.save, whole or not at all (`outputs.write_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp), "checkpoint")
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -236,9 +235,8 @@ def train(
                   if simulate else str(data_root), "threads": torch.get_num_threads(), "device": _device_name(device)}
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng), **record},
                     ckpt_path)
-        tmp = out_dir / ".run.json.tmp"  # the same facts without tensors, for manifests and logs
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, out_dir / "run.json")
+        # the same facts without tensors, for manifests and logs
+        write_atomically(out_dir / "run.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
 
     losses: list[float] = []
     stop_at = step + stop_after if stop_after is not None else math.inf

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medir_fast import data, weights  # noqa: E402
 from medir_fast.evaluate import best_baseline  # noqa: E402
+from medir_fast.outputs import write_atomically  # noqa: E402
 from medir_fast.training import init_state_dict, save_atomic  # noqa: E402
 
 
@@ -185,9 +186,7 @@ def main() -> int:
     manifest["models"][args.name] = entry
     if args.default or not manifest.get("default"):
         manifest["default"] = args.name
-    tmp = weights.MANIFEST.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(weights.MANIFEST)
+    write_atomically(weights.MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"), "manifest")
     print(f"shipped {args.name}: {target} ({target.stat().st_size / 1e6:.1f} MB, sha256 {entry['sha256'][:12]}...)")
     return 0
 

@@ -15,7 +15,7 @@ import torch
 from medir_fast import weights
 from medir_fast.cli import main
 
-from .conftest import write_nifti
+from .conftest import DATA, write_nifti
 
 
 def run_cli(capsys, *args):
@@ -184,3 +184,24 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"medir-fast: error: input not found: {tmp_path / 'missing.nii'}"
+
+
+@pytest.mark.parametrize("command", [[], ["infer"], ["train"], ["eval"], ["export"], ["example"]])
+def test_help_states_the_one_exit_code_rule(capsys, command):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 done; 2 bad input or arguments" in text and "130, 143, 129 interrupted" in text, text
+
+
+def test_unexpected_failure_is_one_line_exit_1(tmp_path, capsys, ct_volume, monkeypatch):
+    import medir_fast.api as api
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(api, "_restore", bug)
+    code, _, err = run_cli(capsys, "infer", ct_volume, "--task", "ct_denoise", "-o", tmp_path / "o.nii.gz",
+                           "--weights", DATA / "tiny_state_dict.pth")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.strip().endswith("(rerun with --debug for the traceback)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]

@@ -127,7 +127,7 @@ def test_commit_is_all_or_none_and_puts_replaced_files_back(tmp_path, monkeypatc
             raise OSError("no space left on device")
         real_replace(src, dst)
     with Outputs([], overwrite=True) as outputs:
-        for target in (outputs.add(first, (".nii",), "output"), outputs.add(second, (".png",), "preview")):
+        for target in (outputs.add(first, "output", (".nii",)), outputs.add(second, "preview", (".png",))):
             outputs.temporary(target).write_bytes(b"new")
         monkeypatch.setattr(os, "replace", failing_on_b)
         with pytest.raises(OSError, match="no space"):
@@ -138,7 +138,7 @@ def test_commit_is_all_or_none_and_puts_replaced_files_back(tmp_path, monkeypatc
 def test_leaving_by_an_error_removes_every_temporary(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with Outputs([]) as outputs:
-            target = outputs.add(tmp_path / "o.nii.gz", (".nii.gz",), "output")
+            target = outputs.add(tmp_path / "o.nii.gz", "output", (".nii.gz",))
             outputs.temporary(target).write_bytes(b"half")
             raise KeyboardInterrupt
     assert files_in(tmp_path) == []
