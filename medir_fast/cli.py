@@ -10,6 +10,7 @@ import importlib
 import logging
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -244,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="medir-fast: %(message)s",
                         level=logging.DEBUG if debug else logging.INFO if sys.stderr.isatty() else logging.WARNING)
     try:
-        with signals_raise_interrupted():
+        with signals_raise_interrupted(), warnings.catch_warnings():
+            if not debug:  # library warnings would break the one-line rule; --debug shows them
+                warnings.simplefilter("ignore")
             parser = build_parser()
             args = parser.parse_args(argv)
             if args.command is None:

@@ -37,7 +37,8 @@ class VolumeError(ValueError):
 
 
 def _read_errors():
-    return (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError)
+    return (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError)
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Volume:
         """The voxel axis closest to the patient's superior-inferior direction (per the affine)."""
         if len(self.shape) == 2:
             return 0
-        directions = np.abs(self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0))
+        with np.errstate(all="ignore"):  # a degenerate (zero or huge) column counts as no direction
+            directions = np.nan_to_num(np.abs(self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)))
         return int(np.argmax(directions[2]))
 
     def slabs(self, axis: int, size: int) -> Iterator[np.ndarray]:
@@ -80,7 +82,8 @@ class Volume:
         if self.frame is not None:
             index.append(self.frame)
         try:
-            slab = np.asarray(self.image.dataobj[tuple(index)], dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, counted as such by the caller
+                slab = np.asarray(self.image.dataobj[tuple(index)], dtype=np.float32)
         except _read_errors() as exc:
             raise VolumeError(f"cannot read the voxels of {self.path} (truncated or corrupt file?): {_first_line(exc)}") from exc
         return np.moveaxis(slab, axis, 0)

@@ -264,23 +264,41 @@ def test_memory_before_a_refusal_does_not_follow_the_header(tmp_path, case):
     assert peak < 4 << 20, peak  # what the file holds, never the terabytes the header claims
 
 
-def test_randomly_damaged_headers_restore_or_are_refused(tmp_path, capsys):
-    """Seeded random bytes in the header: exit 0 with a finite output, or one line and exit 2."""
-    good = _valid(tmp_path, "good.nii").read_bytes()
+def _base(tmp_path: Path, kind: str) -> Path:
+    """A valid small volume: NIfTI-1 int16, NIfTI-1 float64 big-endian, NIfTI-2 float32, or gzipped."""
+    data = np.random.default_rng(0).normal(40, 300, (20, 18, 3))
+    if kind == "nifti2":
+        nib.Nifti2Image(data.astype(np.float32), np.diag([0.8, 0.8, 2.5, 1])).to_filename(tmp_path / "base.nii")
+        return tmp_path / "base.nii"
+    if kind == "big-endian":
+        write_nifti(tmp_path / "le.nii", data, dtype=np.float64)
+        return rewrite_in_byte_order(tmp_path / "le.nii", tmp_path / "base.nii", ">")
+    return _valid(tmp_path, "base.nii")
+
+
+@pytest.mark.parametrize("kind", ["nifti1", "big-endian", "nifti2", "gzip"])
+def test_randomly_damaged_headers_restore_or_are_refused(tmp_path, capsys, kind):
+    """Seeded random bytes in the header: exit 0 with a finite output, or one line and exit 2,
+    never a traceback or an internal error."""
+    good = _base(tmp_path, "nifti1" if kind == "gzip" else kind).read_bytes()
+    header_size = 540 if kind == "nifti2" else 348
     outcomes = {0: 0, 2: 0}
-    for seed in range(40):
+    for seed in range(30):
         rng = np.random.default_rng(seed)
         data = bytearray(good)
-        for pos in rng.integers(0, 352, size=rng.integers(1, 4)):
+        for pos in rng.integers(0, header_size + 4, size=rng.integers(1, 5)):
             data[pos] = int(rng.integers(0, 256))
         folder = tmp_path / f"s{seed}"
         folder.mkdir()
-        (folder / "in.nii").write_bytes(bytes(data))
-        code, err = run_infer(capsys, folder / "in.nii", "-o", folder / "o.nii")
+        name = "in.nii.gz" if kind == "gzip" else "in.nii"
+        (folder / name).write_bytes(gzip.compress(bytes(data)) if kind == "gzip" else bytes(data))
+        original = (folder / name).read_bytes()
+        code, err = run_infer(capsys, folder / name, "-o", folder / "o.nii")
         outcomes[code] += 1
         if code == 0:
             assert np.isfinite(nib.load(folder / "o.nii").get_fdata()).all()
+            assert err == ""
         else:
-            assert_refused(code, err, folder, ["in.nii"])
-        assert (folder / "in.nii").read_bytes() == bytes(data)
+            assert_refused(code, err, folder, [name])
+        assert (folder / name).read_bytes() == original
     assert outcomes[0] and outcomes[2]  # the generator reaches both outcomes
