@@ -16,7 +16,7 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_CODES = ("exit codes: 0 done; 2 bad input or arguments (one line on stderr, nothing written); "
-              "130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (nothing written); "
+              "130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (one line; no temporary or partial file left); "
               "1 an internal error (one line; --debug shows the traceback)")
 
 # Subcommands implemented elsewhere: name -> module with add_arguments(parser) and run(args) -> int.
@@ -190,11 +190,9 @@ def run_example(args: argparse.Namespace) -> int:
     from .io import NIFTI_SUFFIXES
     from .outputs import Outputs
 
-    with Outputs(overwrite=args.overwrite) as outputs:  # the path checked before the download
-        out = outputs.add(args.output or f"example_{args.task}.nii.gz", "output", NIFTI_SUFFIXES)
-        example(args.task, outputs.temporary(out))
-        outputs.commit()
-    print(out)
+    # the path checked before the download; `example` writes it whole or not at all
+    out = Outputs(overwrite=args.overwrite).add(args.output or f"example_{args.task}.nii.gz", "output", NIFTI_SUFFIXES)
+    print(example(args.task, out))
     return 0
 
 
@@ -237,41 +235,44 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit code (EXIT_CODES). SIGINT, SIGTERM and SIGHUP stop
     it cleanly wherever it is: every temporary file removed, nothing half-written."""
-    from .outputs import Interrupted, signals_raise_interrupted
+    from .outputs import COMMITTED, Interrupted, ignore_signals, signals_raise_interrupted
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # accepted anywhere on the line
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(format="medir-fast: %(message)s",
                         level=logging.DEBUG if debug else logging.INFO if sys.stderr.isatty() else logging.WARNING)
-    try:
-        with signals_raise_interrupted(), warnings.catch_warnings():
-            if not debug:  # library warnings would break the one-line rule; --debug shows them
-                warnings.simplefilter("ignore")
+    COMMITTED.clear()
+    with signals_raise_interrupted(), warnings.catch_warnings():
+        if not debug:  # library warnings would break the one-line rule; --debug shows them
+            warnings.simplefilter("ignore")
+        try:
             parser = build_parser()
             args = parser.parse_args(argv)
             if args.command is None:
                 parser.print_help()
                 return EXIT_BAD_INPUT
             return args.func(args)
-    except Interrupted as exc:
-        written = f" after writing {', '.join(map(str, exc.written))}" if exc.written else "; nothing was written"
-        print(f"medir-fast: interrupted by {exc}{written}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:  # SIGINT before the handlers were installed
-        print("medir-fast: interrupted by SIGINT; nothing was written", file=sys.stderr)
-        return 130
-    except _user_errors() as exc:
-        if debug:
-            raise
-        print(f"medir-fast: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # an unexpected failure: one line for users, the traceback with --debug
-        if debug:
-            raise
-        print(f"medir-fast: failed: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return EXIT_FAILURE
+        except (Interrupted, KeyboardInterrupt) as exc:
+            ignore_signals()
+            name, code = (str(exc), exc.exit_code) if isinstance(exc, Interrupted) else ("SIGINT", 130)
+            done = (f" after writing {len(COMMITTED)} file(s), the last {COMMITTED[-1]}; no partial file left"
+                    if COMMITTED else "; nothing was written")
+            print(f"medir-fast: interrupted by {name}{done}", file=sys.stderr)
+            return code
+        except _user_errors() as exc:
+            ignore_signals()
+            if debug:
+                raise
+            print(f"medir-fast: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Exception as exc:  # an unexpected failure: one line for users, the traceback with --debug
+            ignore_signals()
+            if debug:
+                raise
+            print(f"medir-fast: failed: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
+            return EXIT_FAILURE
 
 
 if __name__ == "__main__":

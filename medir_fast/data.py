@@ -202,7 +202,7 @@ def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[
             _save_nifti(target, data, np.diag([*map(float, zooms), 1.0]))
         record[name] = {**source, "file": package.name, "sha256": _sha256(package)}
         paths[name] = target
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_atomically(record_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"), "source record")
     return paths
 
 

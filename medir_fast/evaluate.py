@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import simulate
 from .data import CACHE, MODALITY_TASK, PairedVolume, read_pairs
-from .outputs import write_atomically
+from .outputs import Outputs, write_atomically
 
 BM3D_FACTORS = (0.75, 1.25, 2.0, 3.0, 4.5)  # x the MAD noise estimate; widened at the edges
 GAUSSIAN_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # pixels
@@ -202,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--modalities", default="CT,MRI,PET", help="comma-separated subset of CT,MRI,PET")
     parser.add_argument("--json", help="write the full report (per-slice metrics, chosen parameters) here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json report")
     parser.add_argument("--no-model", action="store_true", help="only the degraded input and the baselines")
     parser.add_argument("--no-baselines", action="store_true", help="only the degraded input and the model")
     parser.add_argument("--baseline-cache", default=str(CACHE / "baselines.json"),
@@ -224,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
     modalities = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
     if not modalities or any(m not in MODALITY_TASK for m in modalities):
         raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
+    if args.json:  # checked before the (long) evaluation
+        Outputs(overwrite=args.overwrite).add(args.json, "report")
     pairs = read_pairs(args.data, args.split, modalities)
     restorers, tiles = None, {}
     if not args.no_model:
@@ -239,8 +242,7 @@ def run(args: argparse.Namespace) -> int:
                   self_ensemble=args.self_ensemble, tile=tiles)
     print(table(report))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         clean = json.loads(json.dumps(report), parse_constant=lambda c: None)  # inf PSNR -> null
-        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n"), "report")
+        write_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n"),
+                         "report", overwrite=args.overwrite)
     return 0

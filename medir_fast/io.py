@@ -5,8 +5,9 @@ outputs checked and verified before they are committed.
 holds the bytes the header claims) before nibabel sizes any buffer from it. A `Volume` wraps a
 nibabel image without loading its voxels; `slabs()` reads consecutive groups of slices along an
 axis, so a large volume is never held whole in float. `save_volume` writes in native byte order
-only values that are finite and representable in the output type, and reads the file back to
-check every stored value before anything is committed.
+only values that are finite and representable in the output type, and reads the file back: every
+stored value must be the intended one and scale back to the restored value. The caller commits
+the file (`outputs.Outputs`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from nibabel.nifti1 import data_type_codes
 from nibabel.openers import Opener
 from nibabel.volumeutils import array_to_file, native_code
 
-from .outputs import Outputs
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+F32_MAX = float(np.finfo(np.float32).max)
 OUT_DTYPES = ("float32", "input")
 HEADER_CLASSES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}  # sizeof_hdr -> header class
 
@@ -82,10 +83,16 @@ class Volume:
         if self.frame is not None:
             index.append(self.frame)
         try:
-            with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, counted as such by the caller
-                slab = np.asarray(self.image.dataobj[tuple(index)], dtype=np.float32)
+            stored = np.asarray(self.image.dataobj[tuple(index)])
         except _read_errors() as exc:
             raise VolumeError(f"cannot read the voxels of {self.path} (truncated or corrupt file?): {_first_line(exc)}") from exc
+        # Finite values beyond float32 become its largest value, not inf: they are clipped to the
+        # task's range like any other value, while a stored NaN or inf stays one.
+        with np.errstate(over="ignore", invalid="ignore"):
+            slab = stored.astype(np.float32)
+        if stored.dtype.kind == "f" and stored.dtype.itemsize > 4:
+            overflow = np.isinf(slab) & np.isfinite(stored)
+            slab[overflow] = np.copysign(F32_MAX, stored[overflow])
         return np.moveaxis(slab, axis, 0)
 
     def read(self) -> np.ndarray:
@@ -103,8 +110,8 @@ def is_nifti_path(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def read_header(path: Path):
-    """The NIfTI-1/2 header of a .nii or .nii.gz file, checked before any voxel is read.
+def check_header(path: Path) -> None:
+    """Check the NIfTI-1/2 header of a .nii or .nii.gz file before any voxel is read.
 
     Refused, with the reason: no NIfTI-1/2 header, the header of a .hdr/.img pair, dimensions
     that are not 1..7 positive sizes, datatypes that are not real numbers (complex, RGB, binary,
@@ -125,11 +132,12 @@ def read_header(path: Path):
     if len(raw) < klass.sizeof_hdr:
         raise VolumeError(f"cannot read {path} as NIfTI: the file ends inside its header")
     header = klass(raw[: klass.sizeof_hdr], endianness=endianness, check=False)
-    magic = bytes(header["magic"])
-    if magic[:3] in (b"ni1", b"ni2"):
+    magic = bytes(header["magic"])[:3]
+    version = b"1" if klass is nib.Nifti1Header else b"2"
+    if magic == b"ni" + version:
         raise VolumeError(f"{path} holds only the header of a .hdr/.img pair; convert the pair to one .nii file")
-    if magic[:3] not in (b"n+1", b"n+2"):
-        raise VolumeError(f"cannot read {path} as NIfTI: bad magic {magic[:4]!r}")
+    if magic != b"n+" + version:
+        raise VolumeError(f"cannot read {path} as NIfTI: bad magic {magic!r} for a NIfTI-{version.decode()} header")
 
     dim = [int(d) for d in header["dim"]]
     if not 1 <= dim[0] <= 7:
@@ -153,21 +161,22 @@ def read_header(path: Path):
     if not math.isfinite(offset) or offset != int(offset) or offset < minimum:
         raise VolumeError(f"{path} has an invalid header: voxel offset {offset:g} (must be a whole number >= {minimum})")
     needed = int(offset) + math.prod(shape) * dtype.itemsize
-    available = _bytes_available(path, needed)
+    available = _bytes_available(path)
     if available < needed:
         raise VolumeError(f"{path} is truncated: its header claims {needed:,} bytes (voxels from byte {int(offset):,}), "
                           f"the file holds {available:,}")
-    return header
 
 
-def _bytes_available(path: Path, needed: int) -> int:
-    """How many (decompressed) bytes the file holds, counted up to `needed` in 1 MiB chunks."""
+def _bytes_available(path: Path) -> int:
+    """How many (decompressed) bytes the file holds. A .nii.gz is decompressed to its end in 1 MiB
+    chunks, so that its CRC-32 is checked: a flipped bit inside would otherwise be read as a
+    voxel, since nibabel stops reading at the last voxel, before the check."""
     if not path.name.lower().endswith(".gz"):
         return path.stat().st_size
     count = 0
     try:
         with gzip.open(path, "rb") as f:
-            while count < needed and (chunk := f.read(min(1 << 20, needed - count))):
+            while chunk := f.read(1 << 20):
                 count += len(chunk)
     except _read_errors() as exc:
         raise VolumeError(f"cannot read {path} (truncated or corrupt file?): {_first_line(exc)}") from exc
@@ -175,7 +184,7 @@ def _bytes_available(path: Path, needed: int) -> int:
 
 
 def read_volume(path: str | Path, frame: int | None = None) -> Volume:
-    """Open a NIfTI file: the header checked (`read_header`), voxels left on disk."""
+    """Open a NIfTI file: the header checked (`check_header`), voxels left on disk."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"input not found: {path}")
@@ -183,7 +192,7 @@ def read_volume(path: str | Path, frame: int | None = None) -> Volume:
         raise VolumeError(f"input is not a file: {path}")
     if not is_nifti_path(path):
         raise VolumeError(f"input is not a NIfTI file (.nii or .nii.gz): {path}")
-    read_header(path)
+    check_header(path)
     try:
         with LoggingOutputSuppressor():  # nibabel logs what it would fix; we have refused it already
             image = nib.load(path)
@@ -260,7 +269,8 @@ def stored_values(data: np.ndarray, volume: Volume, out_dtype: str) -> tuple[np.
     else:
         exact = np.rint((data.astype(np.float64) - inter) / slope)
         info = np.iinfo(dtype)
-        bad = int(np.count_nonzero((exact < info.min) | (exact > info.max)))
+        # float(info.max) rounds up to 2**63 (2**64) for 64-bit types: bound by max + 1, exclusive
+        bad = int(np.count_nonzero((exact < info.min) | (exact >= float(info.max) + 1)))
         stored = exact.astype(dtype) if not bad else None
     if bad:
         raise VolumeError(f"{bad} of {data.size} output voxels do not fit the input's type {dtype.name} (scl_slope "
@@ -281,22 +291,15 @@ def save_volume(path: Path, data: np.ndarray, volume: Volume, refine=None, out_d
         header.write_to(f)
         array_to_file(stored, f, stored.dtype, header.get_data_offset(), order="F")
     written = nib.load(path)
-    if written.shape != stored.shape or not np.array_equal(np.asarray(written.dataobj.get_unscaled()), stored):
+    back = np.asarray(written.dataobj.get_unscaled())
+    if written.shape != data.shape or not np.array_equal(back, stored) or not _close(back, data, slope, inter):
         raise RuntimeError("the output file does not read back as written (a bug: byte order or type); nothing was written")
 
 
-def write_volume(
-    path: str | Path,
-    data: np.ndarray,
-    volume: Volume,
-    refine: tuple[tuple[int, int], int] | None = None,
-    out_dtype: str = "float32",
-    overwrite: bool = False,
-) -> Path:
-    """Write `data` (physical units) with `volume`'s geometry to a new NIfTI file, all or nothing
-    (`save_volume` into a temporary, committed by `Outputs`)."""
-    with Outputs([volume.path], overwrite) as outputs:
-        target = outputs.add(path, "output", NIFTI_SUFFIXES)
-        save_volume(outputs.temporary(target), data, volume, refine, out_dtype)
-        outputs.commit()
-    return target
+def _close(stored: np.ndarray, data: np.ndarray, slope: float, inter: float) -> bool:
+    """Whether stored values, scaled back, are `data`: within half a step for integer types, to
+    float32 rounding for float types."""
+    physical = stored.astype(np.float64) * slope + inter
+    if stored.dtype.kind in "ui":
+        return bool(np.all(np.abs(physical - data) <= abs(slope) * (0.5 + 1e-9)))
+    return bool(np.allclose(physical, data, rtol=2e-7, atol=0.0))

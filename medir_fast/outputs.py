@@ -10,6 +10,7 @@ that arrives while the files are being renamed is held until they are all in pla
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import signal
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.ENOSYS}  # file systems without them
 
 
 class OutputError(ValueError):
@@ -26,20 +28,17 @@ class OutputError(ValueError):
 
 
 class Interrupted(BaseException):
-    """A run stopped by SIGINT, SIGTERM or SIGHUP (a BaseException, like KeyboardInterrupt).
-
-    exit_code is the shell's 128 + signal number; `written` lists the outputs that were already
-    complete when the signal came (it arrived while they were being committed), else it is empty.
-    """
+    """A run stopped by SIGINT, SIGTERM or SIGHUP (a BaseException, like KeyboardInterrupt);
+    exit_code is the shell's 128 + signal number."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.exit_code = 128 + signum
-        self.written: list[Path] = []
 
 
 _held: list[int] | None = None  # signals that arrived while files were being renamed or removed
+COMMITTED: list[Path] = []  # every file this process committed, in order (what an interrupted run did write)
 
 
 def _on_signal(signum, frame):
@@ -63,6 +62,14 @@ def signals_raise_interrupted() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def ignore_signals() -> None:
+    """From now on SIGINT, SIGTERM and SIGHUP do nothing (main thread): a run that is already
+    stopping reports once, whatever else arrives."""
+    if threading.current_thread() is threading.main_thread():
+        for s in INTERRUPTING_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 @contextmanager
@@ -146,45 +153,87 @@ class Outputs:
         return self.pending[target]
 
     def commit(self) -> list[Path]:
-        """Rename every temporary onto its target: all of them, or (on an error) none, with any
-        file they were replacing put back. Signals wait until this is done."""
+        """Put every temporary in place of its target: all of them, or (on an error) none.
+
+        A target that did not exist is created only if it still does not (a file that appeared
+        during the run is never replaced without `overwrite`). A file being replaced is first
+        hard-linked aside, so its name never goes missing, and put back if a later target fails.
+        Signals wait until this is done.
+        """
         missing = [str(t) for t in self.targets if t not in self.pending]
         if missing:
             raise ValueError(f"no file was written for {', '.join(missing)}")
-        placed: list[tuple[Path, Path | None]] = []  # (target, the file it replaced, moved aside)
+        placed: list[tuple[Path, Path | None]] = []  # (target, the file it replaced, linked aside)
         try:
             with _holding_signals():
                 try:
                     for target, tmp in self.pending.items():
-                        backup = None
-                        if os.path.lexists(target):
-                            backup = self._new_temporary(target, create=False)
-                            os.replace(target, backup)
-                        placed.append((target, backup))
-                        os.replace(tmp, target)
+                        placed.append((target, self._place(target, tmp)))
                 except BaseException:
-                    for target, backup in reversed(placed):
-                        if backup is not None:
-                            os.replace(backup, target)
-                        else:  # there was no file: remove ours
-                            target.unlink(missing_ok=True)
-                    placed.clear()
+                    self._roll_back(placed)
                     raise
                 for _, backup in placed:
                     if backup is not None:
                         self._remove(backup)
-        except Interrupted as exc:  # it came during the renames, which were all completed
-            exc.written = [t for t, _ in placed]
-            raise
+                COMMITTED.extend(self.pending)
         finally:
             self.pending.clear()
         return list(self.targets)
 
+    def _place(self, target: Path, tmp: Path) -> Path | None:
+        """Move `tmp` onto `target`; the file it replaced, linked aside (None if there was none)."""
+        what = self.targets[target]
+        if not os.path.lexists(target):
+            try:
+                os.link(tmp, target)  # fails if the target appeared meanwhile, unlike a rename
+            except FileExistsError:
+                raise OutputError(f"{what} {target} appeared during the run; pass --overwrite to replace it") from None
+            except OSError as exc:
+                if exc.errno not in NO_HARD_LINKS:
+                    raise
+                if os.path.lexists(target):
+                    raise OutputError(f"{what} {target} appeared during the run") from None
+                os.replace(tmp, target)
+            self._remove(tmp)
+            return None
+        if not self.overwrite:
+            raise OutputError(f"{what} {target} appeared during the run; pass --overwrite to replace it")
+        if target.is_dir():
+            raise OutputError(f"{what} {target} became a folder during the run")
+        backup = self._new_temporary(target, create=False)
+        try:
+            os.link(target, backup, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+            os.replace(target, backup)  # move it aside instead
+        os.replace(tmp, target)
+        return backup
+
+    def _roll_back(self, placed: list[tuple[Path, Path | None]]) -> None:
+        """Undo `_place` for every target; a file that cannot be put back keeps its backup, named."""
+        stranded = []
+        for target, backup in reversed(placed):
+            try:
+                if backup is None:
+                    target.unlink(missing_ok=True)
+                else:
+                    os.replace(backup, target)
+                    self._temporaries.remove(backup)
+            except OSError:
+                if backup is not None:
+                    self._temporaries.remove(backup)  # never deleted: it is the only copy
+                    stranded.append(f"{target} is at {backup}")
+        if stranded:
+            raise OutputError(f"could not put back the files being replaced: {'; '.join(stranded)}")
+
     def discard(self) -> None:
-        """Remove every temporary still on disk."""
-        with _holding_signals():
-            for tmp in list(self._temporaries):
-                self._remove(tmp)
+        """Remove every temporary still on disk (again if a signal cut the first pass short)."""
+        try:
+            with _holding_signals():
+                self._remove_all()
+        finally:
+            self._remove_all()
 
     def __enter__(self) -> "Outputs":
         return self
@@ -193,8 +242,9 @@ class Outputs:
         self.discard()
 
     def _new_temporary(self, target: Path, create: bool = True) -> Path:
-        suffix = ".nii.gz" if target.name.lower().endswith(".nii.gz") else target.suffix  # what writers go by
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial{suffix}")
+        name = target.name
+        suffix = name[-7:] if name.lower().endswith(".nii.gz") else target.suffix  # what writers go by
+        tmp = target.with_name(f".{name[: len(name) - len(suffix)]}.{secrets.token_hex(4)}.partial{suffix}")
         self._temporaries.append(tmp)  # before it exists: a signal can never orphan it
         if create:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -204,6 +254,10 @@ class Outputs:
         tmp.unlink(missing_ok=True)
         if tmp in self._temporaries:
             self._temporaries.remove(tmp)
+
+    def _remove_all(self) -> None:
+        for tmp in list(self._temporaries):
+            self._remove(tmp)
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], object], what: str = "output",

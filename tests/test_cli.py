@@ -205,3 +205,21 @@ def test_unexpected_failure_is_one_line_exit_1(tmp_path, capsys, ct_volume, monk
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert err.strip().endswith("(rerun with --debug for the traceback)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+@pytest.mark.parametrize("command, pattern", [
+    (["export", "-o", "{tmp}/existing.pt2", "--weights", "{tiny}"], "exists; pass --overwrite"),
+    (["export", "-o", "{tmp}/missing/x.pt2", "--weights", "{tiny}"], "package folder does not exist"),
+    (["export", "-o", "{tmp}/x.onnx", "--weights", "{tiny}"], "package must end in .pt2"),
+    (["export", "-o", "{tmp}/x.pt2", "--weights", "{tmp}/none.pth"], "weights file not found"),
+    (["eval", "{tmp}/nowhere", "--no-model", "--json", "{tmp}/existing.pt2"], "exists; pass --overwrite"),
+    (["eval", "{tmp}/nowhere", "--no-model"], "data folder not found"),
+    (["train", "{tmp}/nowhere", "--out", "{tmp}/run", "--steps", "1", "--crop", "30"], "multiple of 8"),
+])
+def test_every_subcommand_answers_bad_input_in_one_line_exit_2(tmp_path, capsys, command, pattern):
+    (tmp_path / "existing.pt2").write_bytes(b"keep")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, _, err = run_cli(capsys, *[a.format(tmp=tmp_path, tiny=DATA / "tiny_state_dict.pth") for a in command])
+    assert_one_line_error(code, err, pattern)
+    assert err.startswith("medir-fast: error: ")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and (tmp_path / "existing.pt2").read_bytes() == b"keep"

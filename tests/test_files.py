@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from medir_fast import Restorer, restore_file
-from medir_fast.io import VolumeError, read_volume, resampled_affine, write_volume
+from medir_fast.io import VolumeError, read_volume, resampled_affine
 from medir_fast.outputs import OutputError
 from medir_fast.restorer import InputError
 
@@ -125,15 +125,28 @@ def test_existing_output_needs_overwrite_and_input_is_never_overwritten(tmp_path
     assert ct_volume.read_bytes() == before
 
 
-def test_failed_write_leaves_no_partial_file(tmp_path, ct_volume, monkeypatch):
+def test_failed_write_leaves_no_partial_file(tmp_path, ct_volume, tiny_model, monkeypatch):
     import medir_fast.io as io
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr(io, "array_to_file", broken)
-    volume = read_volume(ct_volume)
     with pytest.raises(OSError, match="disk full"):
-        write_volume(tmp_path / "o.nii.gz", np.zeros(volume.shape, np.float32), volume)
+        restore_file(ct_volume, tmp_path / "o.nii.gz", "ct_denoise", model=tiny_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+def test_a_file_that_does_not_read_back_is_never_committed(tmp_path, ct_volume, tiny_model, monkeypatch):
+    """The read-back check catches a writer that gets the byte order wrong (as it once did)."""
+    import medir_fast.io as io
+
+    real = io.array_to_file
+
+    def swapped(data, fileobj, out_dtype, *args, **kwargs):
+        return real(data.byteswap(), fileobj, out_dtype, *args, **kwargs)  # the bytes of the other order
+    monkeypatch.setattr(io, "array_to_file", swapped)
+    with pytest.raises(RuntimeError, match="does not read back as written"):
+        restore_file(ct_volume, tmp_path / "o.nii.gz", "ct_denoise", model=tiny_model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
 
 

@@ -203,6 +203,7 @@ HOSTILE = {
     "cut inside the voxels": (lambda t: _cut(_valid(t), 1500), "is truncated"),
     "cut gzip": (lambda t: _cut(_gz(_valid(t)), 300), "cannot read"),
     "header of a pair": (lambda t: _pair_header(t), ".hdr/.img pair"),
+    "NIfTI-2 magic in a NIfTI-1 header": (lambda t: _patch(_valid(t), 344, "4s", b"n+2\x00"), "bad magic"),
     "not a header at all": (lambda t: _bytes(t, b"\x00" * 400), "no NIfTI-1/2 header"),
     "empty file": (lambda t: _bytes(t, b""), "no NIfTI-1/2 header"),
     "five dimensions": (lambda t: write_nifti(t / "5d.nii", np.ones((16, 16, 2, 2, 2), np.float32)), "5 dimensions"),
@@ -302,3 +303,16 @@ def test_randomly_damaged_headers_restore_or_are_refused(tmp_path, capsys, kind)
             assert_refused(code, err, folder, [name])
         assert (folder / name).read_bytes() == original
     assert outcomes[0] and outcomes[2]  # the generator reaches both outcomes
+
+
+def test_a_flipped_bit_inside_a_gzip_stream_is_refused(tmp_path, capsys):
+    """Stored (uncompressed) deflate blocks stay decodable with a flipped bit: only the gzip CRC-32
+    at the end of the stream tells, and nibabel stops reading before it."""
+    raw = bytearray(_valid(tmp_path, "v.nii").read_bytes())
+    (tmp_path / "v.nii").unlink()
+    packed = bytearray(gzip.compress(bytes(raw), compresslevel=0))
+    packed[len(packed) // 2] ^= 0x10
+    src = tmp_path / "in.nii.gz"
+    src.write_bytes(bytes(packed))
+    code, err = run_infer(capsys, src, "-o", tmp_path / "o.nii.gz")
+    assert_refused(code, err, tmp_path, ["in.nii.gz"], "CRC")

@@ -120,16 +120,19 @@ def test_failed_preview_leaves_no_volume(tmp_path, ct_volume, tiny_model, monkey
 def test_commit_is_all_or_none_and_puts_replaced_files_back(tmp_path, monkeypatch):
     first, second = tmp_path / "a.nii", tmp_path / "b.png"
     first.write_bytes(b"old a")
-    real_replace = os.replace
+    real = {"replace": os.replace, "link": os.link}
 
-    def failing_on_b(src, dst):
-        if Path(dst) == second:
-            raise OSError("no space left on device")
-        real_replace(src, dst)
+    def failing_on(name):
+        def call(src, dst, **kwargs):
+            if Path(dst) == second:
+                raise OSError(28, "no space left on device")
+            return real[name](src, dst, **kwargs)
+        return call
     with Outputs([], overwrite=True) as outputs:
         for target in (outputs.add(first, "output", (".nii",)), outputs.add(second, "preview", (".png",))):
             outputs.temporary(target).write_bytes(b"new")
-        monkeypatch.setattr(os, "replace", failing_on_b)
+        monkeypatch.setattr(os, "replace", failing_on("replace"))
+        monkeypatch.setattr(os, "link", failing_on("link"))
         with pytest.raises(OSError, match="no space"):
             outputs.commit()
     assert files_in(tmp_path) == ["a.nii"] and first.read_bytes() == b"old a"
@@ -249,3 +252,61 @@ def test_scale_carries_qform_and_sform_each_with_its_code(tmp_path, tiny_model, 
                                    _world(old, corners), atol=1e-4, err_msg=name)
     np.testing.assert_allclose(after.get_zooms()[:3], (1.0, 1.0, 3.0), atol=1e-6)
     np.testing.assert_allclose(after.get_sform(), resampled_affine(before.get_sform(), (0, 1), 2), atol=1e-5)
+
+
+def test_a_file_that_appears_during_the_run_is_not_replaced_without_overwrite(tmp_path):
+    target = tmp_path / "o.nii.gz"
+    with Outputs([]) as outputs:
+        outputs.add(target, "output", (".nii.gz",))
+        outputs.temporary(target).write_bytes(b"ours")
+        target.write_bytes(b"another run's")  # appears while we compute
+        with pytest.raises(OutputError, match="appeared during the run"):
+            outputs.commit()
+    assert files_in(tmp_path) == ["o.nii.gz"] and target.read_bytes() == b"another run's"
+
+
+def test_a_rollback_that_cannot_put_a_file_back_keeps_and_names_it(tmp_path, monkeypatch):
+    first, second = tmp_path / "a.nii", tmp_path / "b.png"
+    first.write_bytes(b"old a")
+    real_replace, real_link = os.replace, os.link
+
+    def replace(src, dst):
+        if Path(dst) == first and ".partial" in Path(src).name and Path(src).read_bytes() == b"old a":
+            raise OSError(5, "input/output error")  # putting a.nii back fails
+        return real_replace(src, dst)
+
+    def link(src, dst, **kwargs):
+        if Path(dst) == second:
+            raise OSError(28, "no space left on device")
+        return real_link(src, dst, **kwargs)
+    with Outputs([], overwrite=True) as outputs:
+        for target in (outputs.add(first, "output", (".nii",)), outputs.add(second, "preview", (".png",))):
+            outputs.temporary(target).write_bytes(b"new")
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "link", link)
+        with pytest.raises(OutputError, match=r"could not put back .*a\.nii is at .*\.partial\.nii"):
+            outputs.commit()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".a.")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"old a"  # the only copy of the old file survives
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int32])
+def test_values_at_the_top_of_a_64_bit_type_are_refused_not_wrapped(tmp_path, dtype):
+    src = write_nifti(tmp_path / "big.nii", np.ones((16, 16, 2), dtype), dtype=dtype)
+    volume = read_volume(src)
+    top = float(np.iinfo(dtype).max) + 1  # 2**63, 2**64, 2**31: one past the largest value
+    data = np.ones((16, 16, 2), np.float64)
+    data[0, 0, 0] = top
+    with pytest.raises(VolumeError, match=f"1 of 512 output voxels do not fit the input's type {np.dtype(dtype).name}"):
+        stored_values(data, volume, "input")
+
+
+def test_finite_values_beyond_float32_are_clipped_like_others_not_zeroed(tmp_path, tiny_model):
+    data = np.full((16, 16, 2), 10.0)
+    data[2, 3, 0] = 1e300
+    data[4, 4, 1] = np.inf
+    src = write_nifti(tmp_path / "f64.nii", data, dtype=np.float64)
+    slab = read_volume(src).slab(2, 0, 2)
+    assert slab[0, 2, 3] == np.finfo(np.float32).max and np.isinf(slab[1, 4, 4])
+    with pytest.raises(InputError, match="1 NaN/Inf voxels"):
+        restore_file(src, tmp_path / "o.nii", "pet_synthesis", model=tiny_model)
