@@ -12,12 +12,10 @@ from . import weights as shipped
 from .io import NIFTI_SUFFIXES, OUT_DTYPES, Volume, read_volume, save_volume
 from .model import AMIR, build_model, read_state_dict, unwrap_state_dict
 from .outputs import Outputs
-from .restorer import MIN_SIZE, InputError, Restorer
+from .restorer import MIN_SIZE, NAN_POLICIES, InputError, Restorer
 from .tasks import MRI_SR_SCALES, get_task
 
 log = logging.getLogger("medir_fast")
-
-NAN_POLICIES = ("error", "zero")
 
 
 def load_model(weights: str | Path | dict | None = None, config: dict | None = None, device: str = "cpu") -> AMIR:

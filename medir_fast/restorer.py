@@ -25,6 +25,9 @@ MULTIPLE = 8  # three PixelUnshuffle(2) steps
 MIN_SIZE = 9  # the prompt network's two stride-3 convolutions need 9 pixels
 MIN_NETWORK_SIZE = 16  # smallest multiple of 8 that is >= MIN_SIZE
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# NaN or +-Inf voxels in an input, at every layer (restore_file, --nan-policy, the streaming runtime):
+# 'error' refuses them (counted); 'zero' replaces them with 0 in physical units before clip-and-scale.
+NAN_POLICIES = ("error", "zero")
 
 
 class InputError(ValueError):
