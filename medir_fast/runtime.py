@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _runtime
+from .restorer import NAN_POLICIES
 
-NAN_POLICIES = ("error", "replace")
 POLL_SECONDS = 0.1  # longest a consumer waits inside the runtime before Python can handle a signal
 
 StreamClosed = _runtime.StreamClosed  # RuntimeError: push after finish()/close() or after a backend failure
@@ -47,8 +47,10 @@ class SliceFailed(RuntimeError):
 class Stream:
     """Streaming restorer for slices of one size (`shape`, or that of the first pushed slice).
 
-    nan_policy: 'error' rejects a slice holding NaN/Inf at push (ValueError, stream still
-    usable); 'replace' maps NaN to the range's low end and clips +-Inf like any other value.
+    nan_policy: one of `restorer.NAN_POLICIES`, with the meaning it has in `restore_file` and
+    `--nan-policy`: 'error' rejects a slice holding NaN/Inf at push (ValueError, stream still
+    usable); 'zero' takes NaN and +-Inf as 0 in physical units before clip-and-scale, so the
+    network sees clip((0 - lo) / (hi - lo), 0, 1) there (1024/4095 for CT, 0 when lo = 0).
     """
 
     def __init__(

@@ -76,10 +76,10 @@ class PyStream {
     c.block = block;
     if (nan_policy == "error")
       c.nan_policy = NanPolicy::kError;
-    else if (nan_policy == "replace")
-      c.nan_policy = NanPolicy::kReplace;
+    else if (nan_policy == "zero")
+      c.nan_policy = NanPolicy::kZero;
     else
-      throw std::invalid_argument("nan_policy must be 'error' or 'replace', got '" + nan_policy + "'");
+      throw std::invalid_argument("nan_policy must be 'error' or 'zero', got '" + nan_policy + "'");
     auto backend = std::make_shared<medir_fast::CallbackBackend>(python_call(std::move(restore)), name);
     stream_ = std::make_shared<Stream>(c, std::move(backend));
     open_streams().insert(this);

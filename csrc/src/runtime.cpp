@@ -17,16 +17,20 @@ using Clock = std::chrono::steady_clock;
 std::string shape_str(int64_t h, int64_t w) { return std::to_string(h) + "x" + std::to_string(w); }
 
 // Clip-and-scale one row into `dst` as Task.normalize does ((x - lo) / (hi - lo), clipped to
-// [0, 1], in float32); NaN becomes 0 (lo). Returns how many values were NaN or +-Inf.
-// Branch-free, and instantiated for unit stride, so that the compiler vectorises it.
+// [0, 1], in float32). A NaN or +-Inf value is taken as 0 in physical units first (the 'zero'
+// NaN policy, as restore_file applies it), so it becomes clip((0 - lo) / (hi - lo), 0, 1).
+// Returns how many values were NaN or +-Inf (the 'error' policy rejects the slice if any).
+// Branch-free (selects only), and instantiated for unit stride, so that the compiler vectorises it.
 template <bool kUnitStride>
 int normalize_row(const float* src, int64_t stride, int64_t n, float lo, float scale, float* dst) {
   int non_finite = 0;
   for (int64_t x = 0; x < n; ++x) {
-    const float v = kUnitStride ? src[x] : src[x * stride];
-    non_finite += !((v - v) == 0.f);  // v - v is NaN exactly for NaN and +-Inf
+    const float raw = kUnitStride ? src[x] : src[x * stride];
+    const bool finite = (raw - raw) == 0.f;  // raw - raw is NaN exactly for NaN and +-Inf
+    non_finite += !finite;
+    const float v = finite ? raw : 0.f;
     const float s = (v - lo) / scale;
-    dst[x] = s > 0.f ? (s < 1.f ? s : 1.f) : 0.f;  // NaN compares false: it becomes 0
+    dst[x] = s > 0.f ? (s < 1.f ? s : 1.f) : 0.f;
   }
   return non_finite;
 }

@@ -154,19 +154,80 @@ def test_nan_policy_error_rejects_the_slice():
     np.testing.assert_allclose(np.stack(out), fake.expected(x), rtol=1e-6, atol=1e-3)
 
 
-def test_nan_policy_replace_maps_nan_to_lo_and_clips_inf():
-    fake = FakeRestorer()
-    bad = ct_slices(1, 16, 16, seed=6)[0]
+class RecordingRestorer(FakeRestorer):
+    """FakeRestorer that keeps every normalised batch the network was given."""
+
+    def __init__(self, task=CT):
+        super().__init__(task)
+        self.seen: list[np.ndarray] = []
+
+    def restore_normalized(self, batch: np.ndarray) -> np.ndarray:
+        self.seen.append(batch.copy())
+        return super().restore_normalized(batch)
+
+
+@pytest.mark.parametrize("task", ["ct_denoise", "pet_synthesis"])
+def test_nan_policy_zero_takes_nan_and_inf_as_zero_physical(task):
+    """'zero' means what it means in restore_file: NaN, +Inf and -Inf are 0 in physical units
+    before clip-and-scale, so the network sees (0 - lo) / (hi - lo) there (1024/4095 for CT, 0 for PET)."""
+    t = get_task(task)
+    fake = RecordingRestorer(t)
+    bad = np.random.default_rng(6).uniform(t.lo - 0.1 * (t.hi - t.lo), t.hi * 1.1, (16, 16)).astype(np.float32)
     bad[0, :3] = [np.nan, np.inf, -np.inf]
-    with Stream(fake, nan_policy="replace") as stream:
+    with Stream(fake, nan_policy="zero") as stream:
         stream.push(bad)
         stream.finish()
         (out,) = collect(stream)
-    want = fake.expected(np.nan_to_num(bad, nan=CT.lo, posinf=CT.hi, neginf=CT.lo))
-    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-3)
+    (seen,) = fake.seen
+    zero = np.float32(0.0 - t.lo) / np.float32(t.hi - t.lo)
+    assert seen[0, 0, :3].tolist() == [zero] * 3
+    if task == "pet_synthesis":
+        assert zero == 0.0
+    else:
+        assert zero == pytest.approx(1024 / 4095)
+    np.testing.assert_array_equal(seen[0], t.normalize(np.nan_to_num(bad, nan=0.0, posinf=0.0, neginf=0.0)))
+    want = fake.expected(np.nan_to_num(bad, nan=0.0, posinf=0.0, neginf=0.0))
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6 * (t.hi - t.lo))
     assert np.isfinite(out).all()
     with pytest.raises(ValueError, match="nan_policy"):
-        Stream(fake, nan_policy="ignore")
+        Stream(fake, nan_policy="replace")  # the runtime's old name for a different policy is gone
+
+
+def test_nan_policy_names_are_the_api_ones():
+    from medir_fast import runtime
+    from medir_fast.restorer import NAN_POLICIES
+
+    assert runtime.NAN_POLICIES is NAN_POLICIES == ("error", "zero")
+    for policy in NAN_POLICIES:
+        Stream(FakeRestorer(), nan_policy=policy).close()
+
+
+def test_restore_file_nan_zero_same_with_and_without_stream(tmp_path, tiny_model, restorer):
+    """The two layers agree: restore_file(nan_policy='zero') gives the same volume through the
+    streaming runtime as through Restorer.restore_slabs, on a float32 CT volume with NaN and +-Inf.
+    restore_file replaces the non-finite voxels itself before pushing, so the raw slices are also
+    pushed into a Stream(nan_policy='zero'): the runtime's own policy must give the same volume."""
+    import nibabel as nib
+
+    from medir_fast.api import restore_file
+
+    from ..conftest import write_nifti
+
+    hu = np.random.default_rng(9).normal(40, 300, (23, 29, 4)).clip(-1024, 3000).astype(np.float32)
+    hu[3, 4, 0], hu[10, 11, 1], hu[0, 0, 2], hu[22, 28, 3] = np.nan, np.inf, -np.inf, np.nan
+    hu[5:8, 5:8, 3] = np.nan  # a small NaN patch too
+    src = write_nifti(tmp_path / "nan.nii.gz", hu)
+    kwargs = dict(model=tiny_model, nan_policy="zero", batch_size=2, backend="eager", device="cpu", precision="fp32")
+    plain = nib.load(restore_file(src, tmp_path / "a.nii.gz", "ct_denoise", **kwargs)).get_fdata()
+    streamed = nib.load(restore_file(src, tmp_path / "b.nii.gz", "ct_denoise", stream=True, **kwargs)).get_fdata()
+    assert np.isfinite(plain).all() and np.isfinite(streamed).all()
+    np.testing.assert_allclose(streamed, plain, rtol=1e-5, atol=1e-2)
+    with Stream(restorer, batch_size=2, nan_policy="zero") as stream:
+        for k in range(hu.shape[2]):
+            stream.push(np.ascontiguousarray(hu[:, :, k]))
+        stream.finish()
+        raw = np.stack(collect(stream), axis=2)
+    np.testing.assert_allclose(raw, plain, rtol=1e-5, atol=1e-2)
 
 
 def test_backend_failure_on_batch_k():

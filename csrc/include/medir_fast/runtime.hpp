@@ -33,10 +33,11 @@ class Backend {
   virtual void run(float* in, float* out, int64_t n, int64_t h, int64_t w) = 0;
 };
 
-// What to do with NaN or +-Inf in a pushed slice.
+// What to do with NaN or +-Inf in a pushed slice; the same names and meaning as the Python API's
+// NAN_POLICIES ('error', 'zero') and the CLI's --nan-policy.
 enum class NanPolicy {
-  kError,    // reject the slice at push (std::invalid_argument); the stream stays usable
-  kReplace,  // NaN -> the low end of the range, +-Inf -> clipped like any out-of-range value
+  kError,  // reject the slice at push (std::invalid_argument); the stream stays usable
+  kZero,   // NaN and +-Inf -> 0 in physical units before clip-and-scale: clip((0 - lo) / (hi - lo), 0, 1)
 };
 
 struct StreamConfig {
