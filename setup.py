@@ -1,11 +1,7 @@
-"""medir-fast: fast inference for AMIR, the all-in-one medical image restoration network.
-
-`kernels/` (Triton) and `export/` (engine builders) sit at the top of the repository and are
-installed as `medir_fast.kernels` and `medir_fast.export`.
-"""
+"""medir-fast: fast inference for AMIR, the all-in-one medical image restoration network."""
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The streaming runtime's Python binding; the C++ library, its tests and the AOTInductor
 # example host are built by csrc/CMakeLists.txt.
@@ -21,9 +17,7 @@ setup(
     version="0.1.0",
     description="Fast inference for AMIR (all-in-one medical image restoration via task-adaptive routing)",
     python_requires=">=3.10",
-    packages=["medir_fast", "medir_fast.model", "medir_fast.backends", "medir_fast.weights",
-              "medir_fast.kernels", "medir_fast.export"],
-    package_dir={"medir_fast": "medir_fast", "medir_fast.kernels": "kernels", "medir_fast.export": "export"},
+    packages=find_packages(include=["medir_fast", "medir_fast.*"]),
     package_data={"medir_fast.weights": ["*.json", "*.safetensors", "*.pth"]},
     install_requires=[
         "torch>=2.4",  # the CPU 2.13.0 wheel: install it first (see README), pip then keeps it

@@ -13,38 +13,38 @@ from .io import NIFTI_SUFFIXES, OUT_DTYPES, Volume, read_volume, save_volume
 from .model import AMIR, build_model, read_state_dict, unwrap_state_dict
 from .outputs import Outputs
 from .restorer import MIN_SIZE, NAN_POLICIES, InputError, Restorer
-from .tasks import MRI_SR_SCALES, get_task
+from .tasks import TASKS, get_task
 
 log = logging.getLogger("medir_fast")
 
 
-def load_model(weights: str | Path | dict | None = None, config: dict | None = None, device: str = "cpu") -> AMIR:
-    """An eval-mode AMIR on `device`.
+def read_weights(weights: str | Path | dict | None = None) -> tuple[dict, dict | None, dict[str, int], str]:
+    """The one resolver of a weights argument: (state dict, config or None, tiles, source).
 
-    weights: None for the shipped default, the name of a shipped model, a checkpoint path
-    (plain state dict, `{'state_dict': ...}`, `{'model': ...}`, `module.` prefixes), or a state
-    dict. config: the AMIR constructor arguments; inferred from the checkpoint when omitted.
+    weights: None or "default" for the shipped default, the name of a shipped model ("slim"), a
+    checkpoint path (plain state dict, `{'state_dict': ...}`, `{'model': ...}`, `module.`
+    prefixes; integrity-checked), or a state dict. A shipped model brings its config and the
+    tiles ({task: tile}) it was validated at; other weights bring neither.
     """
-    if weights is None or (isinstance(weights, str) and weights in shipped.available()):
-        state_dict, shipped_config = shipped.load(weights)
-        model = build_model(state_dict, config or shipped_config, source=f"shipped weights {weights or 'default'!r}")
-    elif isinstance(weights, dict):
-        model = build_model(unwrap_state_dict(weights), config)
-    else:
-        model = build_model(read_state_dict(weights), config, source=str(weights))
+    name = None if isinstance(weights, dict) else shipped.shipped_name(weights)
+    if name is not None or weights is None or weights == "default":
+        state_dict, config = shipped.load(name)
+        return state_dict, config, shipped.tiles(name), f"shipped weights {name!r}"
+    if isinstance(weights, dict):
+        return unwrap_state_dict(weights), None, {}, "state dict"
+    return read_state_dict(weights), None, {}, str(weights)
+
+
+def load_model(weights: str | Path | dict | None = None, config: dict | None = None, device: str = "cpu") -> AMIR:
+    """An eval-mode AMIR on `device` holding `weights` (see `read_weights`). config: the AMIR
+    constructor arguments; inferred from the checkpoint when omitted. The model's `default_tiles`
+    are the shipped weights' tiles (empty for other weights): what `Restorer` runs when it is
+    given no tile.
+    """
+    state_dict, shipped_config, tiles, source = read_weights(weights)
+    model = build_model(state_dict, config or shipped_config, source=source)
+    model.default_tiles = tiles
     return model.to(device)
-
-
-def resolve_tile(tile: int | None, weights: str | Path | None, task: str) -> int | None:
-    """`--tile` as given (0: whole slices), or, when not given, the shipped weights' tile for the task."""
-    if tile == 0:
-        return None
-    if tile is None:
-        tile = shipped.default_tile(None if weights is None else str(weights), task)
-        if tile is not None:
-            log.info("restoring in %dx%d tiles, as the shipped weights were validated for %s (--tile 0: whole slices)",
-                     tile, tile, task)
-    return tile
 
 
 def restore_file(
@@ -67,9 +67,8 @@ def restore_file(
 ) -> Path:
     """Restore a NIfTI volume (or 2-D image) into a new NIfTI file with the same geometry.
 
-    restorer_options go to `Restorer` (backend, device, precision, batch_size, tile, self_ensemble).
-    tile None (or left out) takes the tile the shipped weights were validated at for this task
-    (`weights.default_tile`; whole slices for other checkpoints); tile 0 forces whole slices.
+    restorer_options go to `Restorer` (backend, device, precision, batch_size, tile, self_ensemble),
+    with the same meanings there.
     stream: run the slices through the C++ streaming runtime (file reading overlaps compute).
     progress, if given, is called as progress(total_slices, axis) and returns a per-batch
     callback taking the number of slices done.
@@ -81,8 +80,10 @@ def restore_file(
     file is left.
     """
     task_preset = get_task(task)
-    if scale is not None and (task_preset.name != "mri_sr" or scale not in MRI_SR_SCALES):
-        raise InputError(f"--scale applies to mri_sr only, with a value in {MRI_SR_SCALES}")
+    if scale is not None and scale not in task_preset.scales:
+        takers = {t.name: t.scales for t in TASKS.values() if t.scales}
+        raise InputError(f"--scale applies to {', '.join(takers)} only, with a value in "
+                         f"{', '.join(map(str, sorted({s for v in takers.values() for s in v})))}")
     if stream and scale is not None:
         raise InputError("--stream does not resample: leave out --scale or --stream")
     if nan_policy not in NAN_POLICIES:
@@ -97,8 +98,6 @@ def restore_file(
         output_path = outputs.add(output_path, "output", NIFTI_SUFFIXES)
         if preview is not None:
             preview = outputs.add(preview, "preview", (".png",))
-        tile = restorer_options.get("tile")
-        restorer_options["tile"] = resolve_tile(tile, weights, task_preset.name) if model is None else (tile or None)
         restorer = Restorer(model if model is not None else load_model(weights), task_preset, **restorer_options)
 
         nonfinite, outside, total = _scan(volume, axis, task_preset)
@@ -169,4 +168,4 @@ def _scan(volume: Volume, axis: int, task) -> tuple[int, int, int]:
     return nonfinite, outside, total
 
 
-__all__ = ["load_model", "resolve_tile", "restore_file"]
+__all__ = ["load_model", "read_weights", "restore_file"]

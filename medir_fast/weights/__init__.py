@@ -8,6 +8,7 @@ slices (`"tile"`); `"default"` names the model `load()` returns when no name is 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -23,13 +24,20 @@ class WeightsError(ValueError):
 
 
 def manifest() -> dict:
-    """The parsed manifest (`{"default": name | None, "models": {name: entry}}`)."""
+    """The parsed manifest (`{"default": name | None, "models": {name: entry}}`), read once per
+    version of the file."""
     if not MANIFEST.is_file():
         return {"default": None, "models": {}}
+    stat = MANIFEST.stat()
+    return _parse(MANIFEST, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(path: Path, mtime_ns: int, size: int) -> dict:
     try:
-        data = json.loads(MANIFEST.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise WeightsError(f"shipped weights manifest {MANIFEST} is not valid JSON: {exc}") from None
+        raise WeightsError(f"shipped weights manifest {path} is not valid JSON: {exc}") from None
     data.setdefault("default", None)
     data.setdefault("models", {})
     return data
@@ -78,16 +86,23 @@ def load(name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     return state_dict, dict(entry["config"])
 
 
-def default_tile(weights: str | None, task: str) -> int | None:
-    """The tile size a shipped model was validated at for `task` (None: whole slices).
+def shipped_name(weights) -> str | None:
+    """The shipped model that a weights argument names: None and "default" name the default;
+    any other string names the model of that name. None for anything else (a checkpoint path)."""
+    data = manifest()
+    if weights is None or weights == "default":
+        return data["default"]
+    if isinstance(weights, str) and weights in data["models"]:
+        return weights
+    return None
+
+
+def tiles(name: str | None) -> dict[str, int]:
+    """{task: tile side} a shipped model was validated at (absent tasks: whole slices).
 
     Models trained on small crops see statistics over a crop in their global operations (the
     task prompt's mean, the transposed attention); restoring in tiles of about that size keeps
-    inference like training. `weights` is None (the default) or any name or path; a checkpoint
-    file that is not shipped gets None.
+    inference like training.
     """
-    data = manifest()
-    name = weights or data["default"]
-    if not isinstance(name, str) or name not in data["models"]:
-        return None
-    return data["models"][name].get("tile", {}).get(task)
+    entry = manifest()["models"].get(name) if name else None
+    return dict(entry.get("tile", {})) if entry else {}

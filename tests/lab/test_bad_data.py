@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medir_fast.data import DataError, read_pairs
+from medir_fast.lab.paired import DataError, read_pairs
 
 from .conftest import save
 
@@ -60,7 +60,7 @@ def test_reads_an_invesalius_project(tmp_path):
     import plistlib
     import tarfile
 
-    from medir_fast.data import _read_inv3
+    from medir_fast.lab.sources import _read_inv3
 
     volume = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) - 1024
     meta = {"matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": [2, 3, 4]}, "spacing": [0.5, 0.5, 1.5]}

@@ -6,7 +6,7 @@
 # Source volumes come from $MEDIR_FAST_CACHE/sources (default ./.gpu-cache, a copy of the cache's
 # `sources/`, since such a machine may be offline). Weights, run records (NAME.json) and logs go
 # to $OUT (default runs/gpu).
-# Usage: MINUTES=6.5 bash scripts/gpu_train.sh "A: --crop 96 --batch-size 24 --lr 1e-4" \
+# Usage: MINUTES=6.5 bash experiments/gpu_train.sh "A: --crop 96 --batch-size 24 --lr 1e-4" \
 #                                             "B: --crop 64 --batch-size 48 --lr 2e-4"
 # STEPS=N gives every run N steps instead of MINUTES of training; INIT= (empty) trains from scratch.
 set -uo pipefail
@@ -29,9 +29,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 # The projector on the GPU must give the CPU's noiseless reconstruction (same code, other device).
 python3 - <<'EOF' 2>&1 | tee -a "$OUT/device.txt"
 import time, numpy as np, torch
-from medir_fast import data, simulate
+from medir_fast.lab import paired, simulate
 print("torch", torch.__version__, torch.cuda.get_device_name())
-volume, zooms = data.clean_volume("ct_cranium", data.fetch(names=("ct_cranium",))["ct_cranium"])
+volume, zooms = paired.clean_volume("ct_cranium", paired.fetch(names=("ct_cranium",))["ct_cranium"])
 hu = volume[40:44]
 lq_cpu, hq_cpu = simulate.simulate_ct(hu, zooms[0], seed=1)
 torch.cuda.synchronize(); t = time.perf_counter()

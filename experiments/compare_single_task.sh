@@ -2,7 +2,7 @@
 # The paper's claim, at equal budget: one all-in-one model vs a single-task model of the same size,
 # both trained from scratch with the same steps, batch, crop, learning rate and seed (the single-task
 # model sees only MODALITY crops, the all-in-one a third of them), evaluated on MODALITY's held-out slices.
-# Usage: bash scripts/compare_single_task.sh [MODALITY=PET] [STEPS=1500] [OUT=~/.cache/medir-fast/runs/compare]
+# Usage: bash experiments/compare_single_task.sh [MODALITY=PET] [STEPS=1500] [OUT=~/.cache/medir-fast/runs/compare]
 # The two runs go in parallel, one torch thread each.
 set -euo pipefail
 MODALITY=${1:-PET}

@@ -1,6 +1,5 @@
-"""scripts/ship_weights.py: a model fine-tuned through unshipped runs keeps its whole history."""
+"""medir_fast.lab.ship_weights: a model fine-tuned through unshipped runs keeps its whole history."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,11 +7,7 @@ import pytest
 import torch
 
 from medir_fast import weights
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "ship_weights.py"
-spec = importlib.util.spec_from_file_location("ship_weights", SCRIPT)
-ship_weights = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ship_weights)
+from medir_fast.lab import ship_weights
 
 
 def _run(folder: Path, init, step: int, device: str) -> Path:

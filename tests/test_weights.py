@@ -1,4 +1,5 @@
-"""Shipped weights: listed by the manifest, refused when missing, unknown or tampered with."""
+"""Shipped weights: listed by the manifest, refused when missing, unknown or tampered with; one
+resolver for their names; their tiles are what a Restorer runs when given none."""
 
 import json
 
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from medir_fast import weights
-from medir_fast.api import resolve_tile, restore_file
+from medir_fast import Restorer, load_model, weights
+from medir_fast.api import restore_file
 from medir_fast.model import AMIR, build_model
 
-from .conftest import TINY
+TINY = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8])
 
 
 @pytest.fixture
@@ -73,11 +74,14 @@ def test_shipped_tile_is_the_default_and_zero_means_whole_slices(shipped, tmp_pa
     manifest = json.loads((shipped / "manifest.json").read_text())
     manifest["models"]["tiny"]["tile"] = {"ct_denoise": 16}
     (shipped / "manifest.json").write_text(json.dumps(manifest))
-    assert weights.default_tile(None, "ct_denoise") == weights.default_tile("tiny", "ct_denoise") == 16
-    assert weights.default_tile("tiny", "mri_sr") is None  # no tile for this task: whole slices
-    assert weights.default_tile(str(tmp_path / "own.pth"), "ct_denoise") is None  # not shipped
-    assert resolve_tile(None, None, "ct_denoise") == 16 and resolve_tile(24, None, "ct_denoise") == 24
-    assert resolve_tile(0, None, "ct_denoise") is None
+    assert weights.tiles("tiny") == {"ct_denoise": 16}
+    model = load_model()
+    assert Restorer(model, "ct_denoise").tile == 16  # what infer runs by default, in Python too
+    assert Restorer(model, "mri_sr").tile is None  # no tile for this task: whole slices
+    assert Restorer(model, "ct_denoise", tile=24).tile == 24 and Restorer(model, "ct_denoise", tile=0).tile is None
+    own = tmp_path / "own.pth"
+    torch.save(model.state_dict(), own)
+    assert Restorer(load_model(own), "ct_denoise").tile is None  # not shipped: whole slices
 
     outs = {}
     for tile in (None, 16, 0):
@@ -85,3 +89,24 @@ def test_shipped_tile_is_the_default_and_zero_means_whole_slices(shipped, tmp_pa
         outs[tile] = np.asarray(nib.load(out).dataobj)
     assert np.array_equal(outs[None], outs[16])  # the shipped tile is what runs by default
     assert not np.allclose(outs[None], outs[0])  # and differs from whole slices on these 37 x 61 slices
+    python = Restorer(model, "ct_denoise").restore_volume(nib.load(ct_volume).get_fdata(dtype=np.float32), axis=2)
+    np.testing.assert_array_equal(python, nib.load(tmp_path / "out-None.nii.gz").get_fdata(dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", [None, "default", "tiny"])
+def test_one_resolver_for_shipped_names(shipped, tmp_path, name):
+    """load_model, --weights and train --init all take None, "default" and a shipped name."""
+    from medir_fast.lab.training import init_state_dict
+
+    expected = weights.load("tiny")[0]
+    for state in (load_model(name).state_dict(), init_state_dict(name or "default")):
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def test_manifest_is_parsed_once(shipped, monkeypatch):
+    calls = []
+    original = json.loads
+    monkeypatch.setattr(json, "loads", lambda text, *a, **k: calls.append(1) or original(text, *a, **k))
+    for _ in range(3):
+        weights.available(), weights.tiles("tiny"), weights.shipped_name(None)
+    assert len(calls) <= 1

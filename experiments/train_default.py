@@ -1,21 +1,19 @@
 """Train the shipped default: fetch the anatomy, build the protocol-v1 pairs, run `medir-fast train`.
 
-Usage: python scripts/train_default.py OUT_DIR --time-budget MINUTES (or --steps N) [extra train flags]
+Usage: python experiments/train_default.py OUT_DIR --time-budget MINUTES (or --steps N) [extra train flags]
 The paired set goes to ~/.cache/medir-fast/protocol-v1 (built once).
 """
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medir_fast.lab import paired, training
 
-from medir_fast import data, training  # noqa: E402
 
 def main() -> int:
-    root = data.CACHE / "protocol-v1"
+    root = paired.CACHE / "protocol-v1"
     if not (root / "PET" / "test" / "HQ").is_dir():
-        data.build_pairs(root)
+        paired.build_pairs(root)
     parser = argparse.ArgumentParser()
     training.add_arguments(parser)
     args = parser.parse_args([str(root), "--out", sys.argv[1], "--config", "slim", "--lr", "4e-4",

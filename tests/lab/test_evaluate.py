@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medir_fast import evaluate
+from medir_fast.lab import evaluate
 from medir_fast.cli import main
 from medir_fast.tasks import get_task
 

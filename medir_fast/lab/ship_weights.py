@@ -1,6 +1,6 @@
 """Put a trained model into the package: weights file + manifest entry (config, sha256, training, metrics).
 
-Usage: python scripts/ship_weights.py NAME RUN_DIR [RUN_DIR ...] EVAL_JSON [--default]
+Usage: python -m medir_fast.lab.ship_weights NAME RUN_DIR [RUN_DIR ...] EVAL_JSON [--default]
 RUN_DIR is a `medir-fast train --out` folder: `weights.pth` and `run.json` (or, from older runs,
 `last.pt` alone); EVAL_JSON is `medir-fast eval --json` on held-out data (of the shipped weights).
 Several RUN_DIRs, fine-tuned from the same weights, ship their uniform average (a "model soup");
@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medir_fast import data, weights  # noqa: E402
-from medir_fast.evaluate import best_baseline  # noqa: E402
-from medir_fast.outputs import write_atomically  # noqa: E402
-from medir_fast.training import init_state_dict, save_atomic  # noqa: E402
+from .. import weights
+from ..outputs import write_atomically
+from . import paired
+from .evaluate import best_baseline
+from .training import init_state_dict, save_atomic
 
 
 def read_record(run_dir: Path) -> dict:
@@ -166,7 +165,7 @@ def main() -> int:
     report = json.loads(eval_json.read_text())
     target = weights.HERE / f"{args.name}.pth"
     save_atomic({k: v.contiguous() for k, v in state_dict.items()}, target)
-    sources = json.loads((data.CACHE / "sources" / "sources.json").read_text())
+    sources = json.loads((paired.CACHE / "sources" / "sources.json").read_text())
     stages = [*history(records[0].get("init")), last_stage]
     entry = {
         "file": target.name,
@@ -175,9 +174,9 @@ def main() -> int:
         **({"tile": args.tile} if args.tile else {}),
         "state_dict_elements": sum(v.numel() for v in state_dict.values()),  # parameters + 6 MoE buffers
         "training": {
-            "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": data.SPLITS[name]}
-                     for name, s in sources.items() if name in data.SOURCES},
-            "protocol": "medir_fast.simulate v1",
+            "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": paired.SPLITS[name]}
+                     for name, s in sources.items() if name in paired.SOURCES},
+            "protocol": "medir_fast.lab.simulate v1",
             "stages": stages,
         },
         "metrics": metrics(report),

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import CT_DOSE_RANGE, MODALITY_TASK, PairedVolume, fresh_pairs, read_pairs
-from .model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, deepen, infer_config, read_state_dict
-from .model.checkpoint import DEPTH
-from .outputs import write_atomically
-from .tasks import get_task
+from ..model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, deepen, infer_config
+from ..model.checkpoint import DEPTH
+from ..outputs import write_atomically
+from ..tasks import MODALITIES, get_task, per_modality
+from .paired import CT_DOSE_RANGE, PairedVolume, fresh_pairs, read_pairs
 
 CONFIGS = {  # "slim" is the shipped default: a 512 x 512 slice in seconds on a 2-core CPU
     "slim": dict(DEFAULT_CONFIG, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1),
@@ -75,7 +75,7 @@ class PatchSampler:
         self.rng = rng
         self.slices: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for pair in pairs:
-            task = get_task(MODALITY_TASK[pair.modality])
+            task = get_task(pair.modality)
             size = crop if isinstance(crop, int) else crop[pair.modality]
             lq, hq = (_pad_to(task.normalize(x).astype(np.float32), size) for x in (pair.lq, pair.hq))
             self.slices.setdefault(pair.modality, []).extend(zip(lq, hq))
@@ -180,7 +180,7 @@ def train(
     save_every: int = 100,
     time_budget: float | None = None,
     stop_after: int | None = None,
-    modalities: tuple[str, ...] = tuple(MODALITY_TASK),
+    modalities: tuple[str, ...] = MODALITIES,
     progress: bool = True,
     simulate: bool = False,
     pool_slices: int = 24,
@@ -280,12 +280,10 @@ def _device_name(device: str) -> str:
 
 
 def init_state_dict(init: str) -> dict[str, torch.Tensor]:
-    """`default` or a shipped name -> shipped weights; otherwise a checkpoint file."""
-    from . import weights
+    """The weights `--init` names: a shipped model ('default' or its name) or a checkpoint file."""
+    from ..api import read_weights
 
-    if init in weights.available() or init == "default":
-        return weights.load(None if init == "default" else init)[0]
-    return read_state_dict(init)
+    return read_weights(init)[0]
 
 
 def _start_weights(init: str, config: dict, out_dir: Path) -> dict[str, torch.Tensor]:
@@ -336,17 +334,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
-def per_modality(spec: str, modalities: tuple[str, ...], error: ValueError) -> dict[str, int]:
-    """"CT=64,MRI=128,PET=64" -> {modality: int}, naming exactly the modalities trained."""
-    try:
-        values = dict((m.strip().upper(), int(c)) for m, c in (part.split("=") for part in spec.split(",")))
-    except ValueError:
-        raise error from None
-    if set(values) != set(modalities):
-        raise error
-    return values
-
-
 def parse_crop(spec: str, modalities: tuple[str, ...]) -> int | dict[str, int]:
     """`--crop`: "64" for every modality, or "CT=64,MRI=128,PET=64" naming each one trained."""
     error = ValueError(f"--crop must be a side (a multiple of 8, at least 16) or one per modality "
@@ -387,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modalities = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
-    bad = [m for m in modalities if m not in MODALITY_TASK]
+    bad = [m for m in modalities if m not in MODALITIES]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} asked for, but this torch build sees no CUDA device")
     if (args.data is None) == (not args.simulate):
@@ -395,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pool_slices < 2 or args.refresh_every < 1:
         raise ValueError("--pool-slices must be at least 2 and --refresh-every at least 1")
     if bad or not modalities:
-        raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
+        raise ValueError(f"--modalities must be a subset of {','.join(MODALITIES)}, got {args.modalities!r}")
     crop = parse_crop(args.crop, modalities)
     mix = parse_mix(args.mix, modalities)
     ct_dose = parse_dose(args.ct_dose)

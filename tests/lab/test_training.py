@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medir_fast import training
+from medir_fast.lab import training
 from medir_fast.cli import main
-from medir_fast.data import read_pairs
+from medir_fast.lab.paired import read_pairs
 from medir_fast.model import AMIR
 from medir_fast.tasks import get_task
 

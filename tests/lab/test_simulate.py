@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medir_fast import simulate
+from medir_fast.lab import simulate
 
 skimage_transform = pytest.importorskip("skimage.transform")
 

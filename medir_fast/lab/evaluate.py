@@ -1,6 +1,6 @@
 """`medir-fast eval`: the official metrics for a model and classical baselines, per task.
 
-Every method is scored per slice with `simulate.metrics` (clip to the task's evaluation
+Every method is scored per slice with `metrics.metrics` (clip to the task's evaluation
 window, PSNR / SSIM / RMSE) and averaged per file and per modality. Baselines are tuned per
 slice as well as the target allows (oracle: the parameter with the best PSNR against the
 target is kept): BM3D for CT and PET, Gaussian filtering for PET; for MRI the baseline is the
@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import simulate
-from .data import CACHE, MODALITY_TASK, PairedVolume, read_pairs
-from .outputs import Outputs, write_atomically
+from ..outputs import Outputs, write_atomically
+from ..tasks import MODALITIES, TASKS, get_task, per_modality
+from .metrics import metrics
+from .paired import PairedVolume, read_pairs
+from .sources import CACHE
 
 BM3D_FACTORS = (0.75, 1.25, 2.0, 3.0, 4.5)  # x the MAD noise estimate; widened at the edges
 GAUSSIAN_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)  # pixels
@@ -55,7 +57,7 @@ def _tuned(method: str, lq: np.ndarray, hq: np.ndarray, window) -> tuple[dict, f
     def score(p: float) -> float:
         if p not in tried:
             out = _bm3d(lq, p) if method == "bm3d" else _gaussian(lq, p)
-            tried[p] = simulate.metrics(out, hq, window)
+            tried[p] = metrics(out, hq, window)
         return tried[p]["psnr"]
 
     if method == "gaussian":
@@ -83,7 +85,7 @@ def _digest(pair: PairedVolume, method: str) -> str:
         h.update(str(a.shape).encode())
         h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
     grid = BM3D_FACTORS if method == "bm3d" else GAUSSIAN_SIGMAS
-    h.update(repr((method, grid, simulate.EVAL_WINDOWS[pair.modality])).encode())
+    h.update(repr((method, grid, get_task(pair.modality).window)).encode())
     return h.hexdigest()
 
 
@@ -93,7 +95,7 @@ def baseline_scores(pair: PairedVolume, method: str, cache: Path | None, progres
     store = json.loads(cache.read_text()) if cache and cache.is_file() else {}
     if key in store:
         return store[key]
-    window = simulate.EVAL_WINDOWS[pair.modality]
+    window = get_task(pair.modality).window
     per_slice, params = [], []
     for lq, hq in tqdm(list(zip(pair.lq, pair.hq)), desc=f"{method} {pair.modality}/{pair.name}", disable=not progress, leave=False):
         m, p = _tuned(method, lq, hq, window)
@@ -124,24 +126,24 @@ def evaluate(pairs: list[PairedVolume], restorers: dict | None, baselines: bool 
     """
     files, by_modality = {}, {}
     for pair in pairs:
-        window = simulate.EVAL_WINDOWS[pair.modality]
+        window = get_task(pair.modality).window
         keep = [i for i, hq in enumerate(pair.hq) if np.ptp(np.clip(hq, *window)) > 0]
         skipped = len(pair.hq) - len(keep)
         pair = PairedVolume(pair.modality, pair.name, pair.lq[keep], pair.hq[keep])
-        methods = {"input": {"per_slice": [simulate.metrics(a, b, window) for a, b in zip(pair.lq, pair.hq)]}}
+        methods = {"input": {"per_slice": [metrics(a, b, window) for a, b in zip(pair.lq, pair.hq)]}}
         if restorers is not None:
             out = restorers[pair.modality].restore_slices(pair.lq)
-            methods["model"] = {"per_slice": [simulate.metrics(a, b, window) for a, b in zip(out, pair.hq)]}
+            methods["model"] = {"per_slice": [metrics(a, b, window) for a, b in zip(out, pair.hq)]}
         if baselines:
             for method in BASELINES[pair.modality]:
                 methods[method] = baseline_scores(pair, method, cache, progress)
         for name, result in methods.items():
             result.update(_mean(result["per_slice"]))
             by_modality.setdefault(pair.modality, {}).setdefault(name, []).extend(result["per_slice"])
-        files[f"{pair.modality}/{pair.name}"] = {"modality": pair.modality, "task": MODALITY_TASK[pair.modality],
+        files[f"{pair.modality}/{pair.name}"] = {"modality": pair.modality, "task": get_task(pair.modality).name,
                                                  "slices": len(keep), "skipped_flat_slices": skipped, "methods": methods}
     summary = {mod: {name: dict(_mean(ps), slices=len(ps)) for name, ps in methods.items()} for mod, methods in by_modality.items()}
-    return {"protocol": "v1", "windows": simulate.EVAL_WINDOWS, "files": files, "modalities": summary}
+    return {"protocol": "v1", "windows": {t.modality: t.window for t in TASKS.values()}, "files": files, "modalities": summary}
 
 
 def best_baseline(methods: dict) -> str:
@@ -156,7 +158,7 @@ def texture_change(restorer, clean: np.ndarray) -> float:
     A denoiser that cannot tell an image's own fine texture from noise smooths a clean input too;
     on quiet slices that, more than the noise it leaves, is its error. 0 for a model that keeps it.
     """
-    window = simulate.EVAL_WINDOWS[restorer.task.modality]
+    window = restorer.task.window
     inside = (clean >= window[0]) & (clean <= window[1])
     out = np.clip(restorer.restore_slices(clean), *window)
     return float(np.sqrt(np.mean((out - clean)[inside] ** 2)))
@@ -179,8 +181,7 @@ def table(report: dict) -> str:
 
 def parse_tile(spec: str | None, modalities: tuple[str, ...]) -> dict[str, int | None]:
     """`--tile`: None (the default per task), "80" for every modality, or "CT=80,MRI=128" naming each one."""
-    from .restorer import check_tile
-    from .training import per_modality
+    from ..restorer import check_tile
 
     if spec is None:
         return dict.fromkeys(modalities)
@@ -217,14 +218,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .api import load_model, resolve_tile
-    from .restorer import Restorer
+    from ..api import load_model
+    from ..restorer import Restorer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     modalities = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
-    if not modalities or any(m not in MODALITY_TASK for m in modalities):
-        raise ValueError(f"--modalities must be a subset of {','.join(MODALITY_TASK)}, got {args.modalities!r}")
+    if not modalities or any(m not in MODALITIES for m in modalities):
+        raise ValueError(f"--modalities must be a subset of {','.join(MODALITIES)}, got {args.modalities!r}")
     if args.json:  # checked before the (long) evaluation
         Outputs(overwrite=args.overwrite).add(args.json, "report")
     pairs = read_pairs(args.data, args.split, modalities)
@@ -232,10 +233,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_model:
         model = load_model(args.weights, device=args.device)
         asked = parse_tile(args.tile, modalities)
-        tiles = {m: resolve_tile(asked[m], args.weights, MODALITY_TASK[m]) for m in modalities}
-        restorers = {m: Restorer(model, MODALITY_TASK[m], backend="eager", device=args.device, precision="fp32",
-                                 batch_size=args.batch_size, tile=tiles[m], self_ensemble=args.self_ensemble)
+        restorers = {m: Restorer(model, m, backend="eager", device=args.device, precision="fp32",
+                                 batch_size=args.batch_size, tile=asked[m], self_ensemble=args.self_ensemble)
                      for m in modalities}
+        tiles = {m: r.tile for m, r in restorers.items()}
     cache = Path(args.baseline_cache) if args.baseline_cache else None
     report = evaluate(pairs, restorers, baselines=not args.no_baselines, cache=cache)
     report.update(weights=None if args.no_model else (args.weights or "shipped default"), data=str(args.data), split=args.split,

@@ -10,7 +10,7 @@ model against the input and the per-slice tuned baselines of `medir-fast eval`. 
 much each model changes the noiseless validation CT (`evaluate.texture_change`): the scan's own
 texture that it smooths away, which bounds how well it can do on quiet slices.
 
-    python scripts/noise_levels.py WEIGHTS [WEIGHTS ...] [--tile CT=80,PET=64] [--json out.json]
+    python experiments/noise_levels.py WEIGHTS [WEIGHTS ...] [--tile CT=80,PET=64] [--json out.json]
 
 WEIGHTS: a file or a shipped name. A shipped model runs in the tiles it was validated at, as
 `medir-fast infer` and `eval` run it; `--tile` (as in `eval`) sets them for every model, so that
@@ -23,10 +23,10 @@ import json
 import numpy as np
 import torch
 
-from medir_fast import data, simulate
+from medir_fast.lab import paired, simulate
 from medir_fast.api import load_model, resolve_tile
-from medir_fast.data import PairedVolume
-from medir_fast.evaluate import evaluate, parse_tile, texture_change
+from medir_fast.lab.paired import PairedVolume
+from medir_fast.lab.evaluate import evaluate, parse_tile, texture_change
 from medir_fast.restorer import Restorer
 
 CONDITIONS = {  # name: (modality, dose or uptake factor, head size factor)
@@ -42,11 +42,11 @@ SOURCE = {"CT": "ct_cranium", "PET": "pet_fdg_template"}
 
 
 def pairs() -> list[PairedVolume]:
-    paths = data.fetch(names=tuple(SOURCE.values()))
+    paths = paired.fetch(names=tuple(SOURCE.values()))
     out = []
     for seed, (name, (modality, level, size)) in enumerate(CONDITIONS.items()):
-        volume, zooms = data.clean_volume(SOURCE[modality], paths[SOURCE[modality]])
-        a, b = data.SPLITS[SOURCE[modality]]["val"]
+        volume, zooms = paired.clean_volume(SOURCE[modality], paths[SOURCE[modality]])
+        a, b = paired.SPLITS[SOURCE[modality]]["val"]
         hq = volume[a:b]
         if modality == "CT":
             lq, hq = simulate.simulate_ct(hq, pixel_mm=zooms[0] * size, seed=100 + seed, i0=simulate.CT_I0 * level)
@@ -75,7 +75,7 @@ def main() -> None:
     texture = {}
     for weights in args.weights:
         model = load_model(weights)
-        tasks = {m: data.MODALITY_TASK[m] for m in SOURCE}
+        tasks = {m: get_task(m).name for m in SOURCE}
         restorers = {m: Restorer(model, task, backend="eager", precision="fp32", tile=resolve_tile(asked[m], weights, task))
                      for m, task in tasks.items()}
         scored = evaluate(degraded, restorers, baselines=False, progress=False)
