@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from medir_fast.backends.triton import pack_experts
 from medir_fast.kernels.channel_routing import channel_routing
 from medir_fast.kernels.dwconv import dwconv3x3
 from medir_fast.kernels.gdfn import gdfn_gate
@@ -75,13 +76,7 @@ def cases(sides=(512, 128)):
         sr = SpatialRouting(c, 2.66).to(DEV).eval()
         with torch.no_grad():
             sr.moe.w_gate.normal_(0, 0.1)
-        ex = sr.moe.experts
-        kw = dict(gate_bias=(sr.fc(prompt) @ sr.moe.w_gate[c:]).float().contiguous(),
-                  w_gate_x=sr.moe.w_gate[:c].float().contiguous(),
-                  w1=torch.stack([m.fc1.weight for m in ex]).to(DT).contiguous(),
-                  b1=torch.stack([m.fc1.bias for m in ex]).float().contiguous(),
-                  w2=torch.stack([m.fc2.weight for m in ex]).to(DT).contiguous(),
-                  b2=torch.stack([m.fc2.bias for m in ex]).float().contiguous())
+        kw = dict(gate_bias=(sr.fc(prompt) @ sr.moe.w_gate[c:]).float().contiguous(), **pack_experts(sr, DT))
         yield (f"spatial routing C={c}", lambda: spatial_routing(x, **kw),
                lambda: sr(x.float(), prompt)[0], 2 * c * hw * e)
         # The other design (sorted by expert, grouped GEMM); the faster one stays in the backend.

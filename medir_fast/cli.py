@@ -58,11 +58,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             ValueError, OSError)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _default_output(input_path: str, task: str) -> Path:
     path = Path(input_path)
     name = path.name
@@ -238,6 +233,7 @@ def build_parser(argv: list[str] = ()) -> Parser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit code (EXIT_CODES). SIGINT, SIGTERM and SIGHUP stop
     it cleanly wherever it is: every temporary file removed, nothing half-written."""
+    from .errors import first_line
     from .outputs import COMMITTED, Interrupted, ignore_signals, signals_raise_interrupted
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -267,13 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             ignore_signals()
             if debug:
                 raise
-            print(f"medir-fast: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"medir-fast: error: {first_line(exc)}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except Exception as exc:  # an unexpected failure: one line for users, the traceback with --debug
             ignore_signals()
             if debug:
                 raise
-            print(f"medir-fast: failed: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+            print(f"medir-fast: failed: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
                   file=sys.stderr)
             return EXIT_FAILURE
 

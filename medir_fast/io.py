@@ -26,6 +26,8 @@ from nibabel.nifti1 import data_type_codes
 from nibabel.openers import Opener
 from nibabel.volumeutils import array_to_file, native_code
 
+from .errors import first_line
+
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 F32_MAX = float(np.finfo(np.float32).max)
@@ -85,7 +87,7 @@ class Volume:
         try:
             stored = np.asarray(self.image.dataobj[tuple(index)])
         except _read_errors() as exc:
-            raise VolumeError(f"cannot read the voxels of {self.path} (truncated or corrupt file?): {_first_line(exc)}") from exc
+            raise VolumeError(f"cannot read the voxels of {self.path} (truncated or corrupt file?): {first_line(exc)}") from exc
         # Finite values beyond float32 become its largest value, not inf: they are clipped to the
         # task's range like any other value, while a stored NaN or inf stays one.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -99,11 +101,6 @@ class Volume:
         """The whole volume as float32 (small volumes: 2-D images, previews, tests)."""
         return next(self.slabs(0, self.shape[0]))
 
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_nifti_path(path: str | Path) -> bool:
@@ -123,7 +120,7 @@ def check_header(path: Path) -> None:
         with Opener(path) as f:
             raw = f.read(540)
     except _read_errors() as exc:
-        raise VolumeError(f"cannot read {path} as NIfTI: {_first_line(exc)}") from exc
+        raise VolumeError(f"cannot read {path} as NIfTI: {first_line(exc)}") from exc
     found = [(HEADER_CLASSES[int.from_bytes(raw[:4], order)], code)
              for order, code in (("little", "<"), ("big", ">")) if int.from_bytes(raw[:4], order) in HEADER_CLASSES]
     if len(raw) < 348 or not found:
@@ -179,7 +176,7 @@ def _bytes_available(path: Path) -> int:
             while chunk := f.read(1 << 20):
                 count += len(chunk)
     except _read_errors() as exc:
-        raise VolumeError(f"cannot read {path} (truncated or corrupt file?): {_first_line(exc)}") from exc
+        raise VolumeError(f"cannot read {path} (truncated or corrupt file?): {first_line(exc)}") from exc
     return count
 
 
@@ -197,7 +194,7 @@ def read_volume(path: str | Path, frame: int | None = None) -> Volume:
         with LoggingOutputSuppressor():  # nibabel logs what it would fix; we have refused it already
             image = nib.load(path)
     except _read_errors() as exc:
-        raise VolumeError(f"cannot read {path} as NIfTI: {_first_line(exc)}") from exc
+        raise VolumeError(f"cannot read {path} as NIfTI: {first_line(exc)}") from exc
     if type(image) not in (nib.Nifti1Image, nib.Nifti2Image):
         raise VolumeError(f"{path} is a {type(image).__name__.replace('Image', '')} file, not a NIfTI-1/2 volume")
     shape = image.shape

@@ -47,6 +47,19 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"device type {device.type!r} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
 
 
+def pack_experts(route: SpatialRouting, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A spatial routing block's weights as the routing kernels take them: the gate's pixel half
+    [C, 4] float32, the experts' layers stacked [4, ...], weights in `dtype`, biases float32.
+    (The gate's prompt half enters per image as `gate_bias`.)"""
+    c = route.fc.out_features
+    stack = lambda get, dt: torch.stack([get(e).detach() for e in route.moe.experts]).to(dt).contiguous()
+    return dict(
+        w_gate_x=route.moe.w_gate.detach()[:c].float().contiguous(),
+        w1=stack(lambda e: e.fc1.weight, dtype), b1=stack(lambda e: e.fc1.bias, torch.float32),
+        w2=stack(lambda e: e.fc2.weight, dtype), b2=stack(lambda e: e.fc2.bias, torch.float32),
+    )
+
+
 class TritonBackend:
     name = "triton"
 
@@ -58,17 +71,7 @@ class TritonBackend:
         # Weights in the activation dtype, prepared once (the modules keep their float32 ones).
         self._conv = {m: (m.weight.detach().to(dtype), None if m.bias is None else m.bias.detach().to(dtype))
                       for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
-        self._experts = {m: self._pack_experts(m) for m in model.modules() if isinstance(m, SpatialRouting)}
-
-    def _pack_experts(self, route: SpatialRouting) -> dict:
-        experts = route.moe.experts
-        c = route.fc.out_features
-        stack = lambda get, dtype: torch.stack([get(e).detach() for e in experts]).to(dtype).contiguous()
-        return dict(
-            w_gate_x=route.moe.w_gate.detach()[:c].float().contiguous(),
-            w1=stack(lambda e: e.fc1.weight, self.dtype), b1=stack(lambda e: e.fc1.bias, torch.float32),
-            w2=stack(lambda e: e.fc2.weight, self.dtype), b2=stack(lambda e: e.fc2.bias, torch.float32),
-        )
+        self._experts = {m: pack_experts(m, dtype) for m in model.modules() if isinstance(m, SpatialRouting)}
 
     # ------------------------------------------------------------------ running
 

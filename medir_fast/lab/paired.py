@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..errors import first_line
 from ..tasks import MODALITIES, TASKS, get_task
 from . import simulate
 from .sources import CACHE, OTHER_VOLUMES, SOURCE_MODALITY, SOURCES, DataError, clean_volume, fetch, save_nifti
@@ -237,7 +238,7 @@ def _read_slices(path: Path) -> np.ndarray:
     try:
         data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     except Exception as exc:
-        raise DataError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from None
+        raise DataError(f"cannot read {path}: {first_line(exc)}") from None
     data = np.squeeze(data, axis=tuple(range(3, data.ndim)))
     if data.ndim == 2:
         data = data[:, :, None]

@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..errors import first_line
 from ..outputs import write_atomically
 from ..weights import sha256
 from . import simulate
@@ -127,7 +128,7 @@ def _read_dicom_ct(blob: bytes, member: str) -> tuple[np.ndarray, tuple[float, f
         hu = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
         row_mm, col_mm = map(float, ds.PixelSpacing)
     except Exception as exc:  # pydicom raises many kinds for damaged or undecodable files
-        raise DataError(f"cannot read the CT slice {member}: {str(exc).strip().splitlines()[0]}") from None
+        raise DataError(f"cannot read the CT slice {member}: {first_line(exc)}") from None
     return hu[:, :, None], (row_mm, col_mm, float(ds.get("SliceThickness") or 1.0))
 
 

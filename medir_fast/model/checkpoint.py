@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import first_line
 from ..weights import sha256
 from .amir import AMIR
 
@@ -52,8 +53,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; report them all as one
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read weights {path}: {first}") from exc
+        raise CheckpointError(f"cannot read weights {path}: {first_line(exc)}") from exc
     return unwrap_state_dict(obj, str(path))
 
 

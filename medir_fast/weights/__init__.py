@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import first_line
+
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "manifest.json"
 
@@ -82,7 +84,7 @@ def load(name: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the checksum passed, so this is a manifest/file mismatch
-        raise WeightsError(f"cannot read shipped weights {path}: {str(exc).strip().splitlines()[0]}") from exc
+        raise WeightsError(f"cannot read shipped weights {path}: {first_line(exc)}") from exc
     return state_dict, dict(entry["config"])
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from kernel_testing import DEVICE, DTYPES, SHAPES, assert_close, randomize_
 
+from medir_fast.backends.triton import pack_experts
 from medir_fast.kernels.spatial_routing import spatial_routing
 from medir_fast.kernels.spatial_routing_grouped import group_by_expert, spatial_routing_grouped
 from medir_fast.model.amir import PROMPT_DIM, SpatialRouting
@@ -16,15 +17,8 @@ DESIGNS = pytest.mark.parametrize("routing", [spatial_routing, spatial_routing_g
 
 def kernel_inputs(module: SpatialRouting, prompt: torch.Tensor, dtype: torch.dtype):
     c = module.fc.out_features
-    moe = module.moe
-    return dict(
-        gate_bias=(module.fc(prompt) @ moe.w_gate[c:]).float().contiguous(),
-        w_gate_x=moe.w_gate[:c].float().contiguous(),
-        w1=torch.stack([e.fc1.weight for e in moe.experts]).to(dtype).contiguous(),
-        b1=torch.stack([e.fc1.bias for e in moe.experts]).float().contiguous(),
-        w2=torch.stack([e.fc2.weight for e in moe.experts]).to(dtype).contiguous(),
-        b2=torch.stack([e.fc2.bias for e in moe.experts]).float().contiguous(),
-    )
+    gate_bias = (module.fc(prompt) @ module.moe.w_gate[c:]).float().contiguous()
+    return dict(gate_bias=gate_bias, **pack_experts(module, dtype))
 
 
 def reference(module: SpatialRouting, x: torch.Tensor, prompt: torch.Tensor):

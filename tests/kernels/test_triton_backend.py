@@ -2,22 +2,13 @@
 `tiny` one (batch of two, fp16) and the `biased` and `biasfree` ones against the official
 model's stored outputs, and the backend's availability rules."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from kernel_testing import DEVICE
 
 import medir_fast.backends.triton as triton_backend
 from medir_fast.backends import BackendUnavailable, make_backend
-from medir_fast.model.checkpoint import build_model
-
-DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def load_golden(case: str):
-    model = build_model(torch.load(DATA / f"{case}_state_dict.pth", weights_only=True))
-    return model, torch.load(DATA / f"{case}_io.pt", weights_only=True)
+from tests.conftest import golden as load_golden
 
 
 @pytest.fixture(scope="module")
