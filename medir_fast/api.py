@@ -106,7 +106,7 @@ def restore_file(
                         100 * outside / total, task_preset.lo, task_preset.hi)
         if nonfinite and nan_policy == "error":
             raise InputError(f"{volume.path} has {nonfinite} NaN/Inf voxels; pass --nan-policy zero to replace them with 0")
-        restored = _restore(volume, axis, restorer, scale, stream, nonfinite, progress)
+        restored = _restore(volume, axis, restorer, scale, stream, nan_policy if nonfinite else "error", progress)
 
         refine = None
         if scale is not None:
@@ -121,20 +121,22 @@ def restore_file(
     return output_path
 
 
-def _restore(volume: Volume, axis: int, restorer: Restorer, scale, stream: bool, nonfinite: int, progress) -> np.ndarray:
-    """The restored volume (float32, physical units), read slab by slab."""
-    finite = (lambda a: np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)) if nonfinite else (lambda a: a)
+def _restore(volume: Volume, axis: int, restorer: Restorer, scale, stream: bool, nan_policy: str, progress) -> np.ndarray:
+    """The restored volume (float32, physical units), read slab by slab. NaN/Inf voxels (only
+    with nan_policy 'zero') become 0 here, or in the runtime when streaming."""
+    finite = (lambda a: np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)) if nan_policy == "zero" else (lambda a: a)
     on_batch = progress(volume.shape[axis] if len(volume.shape) == 3 else 1, axis) if progress else None
     if len(volume.shape) == 2:
         restored = restorer.restore_slices(finite(volume.read()), scale)
         if on_batch:
             on_batch(1)
         return restored
-    slabs = (finite(s) for s in volume.slabs(axis, restorer.batch_size))
     if stream:
         from .runtime import restore_slabs_streaming
 
-        return restore_slabs_streaming(restorer, slabs, volume.shape, axis, on_batch)
+        slabs = volume.slabs(axis, restorer.batch_size)
+        return restore_slabs_streaming(restorer, slabs, volume.shape, axis, on_batch, nan_policy=nan_policy)
+    slabs = (finite(s) for s in volume.slabs(axis, restorer.batch_size))
     return restorer.restore_slabs(slabs, volume.shape, axis, scale, on_batch)
 
 

@@ -129,17 +129,19 @@ class Stream:
         self.close()
 
 
-def restore_slabs_streaming(restorer, slabs, shape, axis: int, progress=None, batch_size: int | None = None) -> np.ndarray:
+def restore_slabs_streaming(restorer, slabs, shape, axis: int, progress=None, batch_size: int | None = None,
+                            nan_policy: str = "error") -> np.ndarray:
     """`Restorer.restore_slabs` through the runtime: a reader thread pushes slices as the file
     yields them while this thread collects restored slices, so file I/O overlaps compute.
-    Every slice is accounted for: a failed slice or a read error raises, nothing is dropped."""
+    Every slice is accounted for: a failed slice or a read error raises, nothing is dropped.
+    nan_policy is the runtime's (`Stream`), the same as `restore_file`'s."""
     import threading
 
     out = np.empty(shape, dtype=np.float32)
     out_slices = np.moveaxis(out, axis, 0)
     n = shape[axis]
     read_error: list[BaseException] = []
-    with Stream(restorer, batch_size=batch_size or restorer.batch_size,
+    with Stream(restorer, batch_size=batch_size or restorer.batch_size, nan_policy=nan_policy,
                 shape=tuple(s for i, s in enumerate(shape) if i != axis)) as stream:
 
         def produce():

@@ -204,9 +204,9 @@ def test_nan_policy_names_are_the_api_ones():
 
 def test_restore_file_nan_zero_same_with_and_without_stream(tmp_path, tiny_model, restorer):
     """The two layers agree: restore_file(nan_policy='zero') gives the same volume through the
-    streaming runtime as through Restorer.restore_slabs, on a float32 CT volume with NaN and +-Inf.
-    restore_file replaces the non-finite voxels itself before pushing, so the raw slices are also
-    pushed into a Stream(nan_policy='zero'): the runtime's own policy must give the same volume."""
+    streaming runtime (which applies the policy itself to the raw slices) as through
+    Restorer.restore_slabs, on a float32 CT volume with NaN and +-Inf; and so does a Stream of
+    the raw slices."""
     import nibabel as nib
 
     from medir_fast.api import restore_file
