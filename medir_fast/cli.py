@@ -95,7 +95,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="input NIfTI volume or 2-D image (.nii or .nii.gz)")
     p.add_argument("-o", "--output", help="output NIfTI path (default: INPUT_<task>.nii.gz beside the input)")
     p.add_argument("--task", required=True, choices=list(TASKS), help="restoration task (sets the intensity range)")
-    p.add_argument("--weights", help="checkpoint file or shipped model name (default: the shipped default weights)")
+    p.add_argument("--weights", help="a shipped model name (default, slim) or a checkpoint file (default: the shipped default)")
     p.add_argument("--backend", default="auto", choices=["auto", "eager", "triton"], help="inference backend")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

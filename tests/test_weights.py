@@ -110,3 +110,16 @@ def test_manifest_is_parsed_once(shipped, monkeypatch):
     for _ in range(3):
         weights.available(), weights.tiles("tiny"), weights.shipped_name(None)
     assert len(calls) <= 1
+
+
+def test_per_modality_options_take_task_names_or_modalities():
+    """The workbench's per-modality options (crops, shares, tiles) and the manifest's per-task
+    tiles read one table: `ct_denoise=80` and `CT=80` are the same thing."""
+    from medir_fast.tasks import per_modality
+
+    error = ValueError("bad")
+    assert per_modality("ct_denoise=80,MRI=128,pet=64", ("CT", "MRI", "PET"), error) == {"CT": 80, "MRI": 128, "PET": 64}
+    with pytest.raises(ValueError, match="bad"):
+        per_modality("CT=80", ("CT", "MRI"), error)
+    with pytest.raises(ValueError, match="bad"):
+        per_modality("XR=80", ("CT",), error)
