@@ -40,7 +40,7 @@ def main() -> None:
     middle = volume.shape[axis] // 2
     slices = volume.slab(axis, max(0, middle - args.slices // 2), min(volume.shape[axis], middle + (args.slices + 1) // 2))
     model = load_model(args.weights)
-    whole = Restorer(model, task, batch_size=4).restore_slices(slices)
+    whole = Restorer(model, task, batch_size=4, tile=0).restore_slices(slices)
     rows = []
     for tile in args.tiles:
         t0 = time.perf_counter()

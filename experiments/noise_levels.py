@@ -20,13 +20,12 @@ a candidate file runs like the shipped model it is compared with.
 import argparse
 import json
 
-import numpy as np
 import torch
 
+from medir_fast.api import load_model
 from medir_fast.lab import paired, simulate
-from medir_fast.api import load_model, resolve_tile
-from medir_fast.lab.paired import PairedVolume
 from medir_fast.lab.evaluate import evaluate, parse_tile, texture_change
+from medir_fast.lab.paired import PairedVolume
 from medir_fast.restorer import Restorer
 
 CONDITIONS = {  # name: (modality, dose or uptake factor, head size factor)
@@ -75,9 +74,7 @@ def main() -> None:
     texture = {}
     for weights in args.weights:
         model = load_model(weights)
-        tasks = {m: get_task(m).name for m in SOURCE}
-        restorers = {m: Restorer(model, task, backend="eager", precision="fp32", tile=resolve_tile(asked[m], weights, task))
-                     for m, task in tasks.items()}
+        restorers = {m: Restorer(model, m, backend="eager", precision="fp32", tile=asked[m]) for m in SOURCE}
         scored = evaluate(degraded, restorers, baselines=False, progress=False)
         for f, v in scored["files"].items():
             rows[f][weights] = v["methods"]["model"]["psnr"]

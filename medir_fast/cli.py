@@ -200,7 +200,7 @@ def run_example(args: argparse.Namespace) -> int:
 
 
 def add_no_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    """`info` takes no arguments."""
 
 
 def add_example_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,6 @@ every test that needs it (compiling it takes one to two minutes on a 2-core CPU)
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -61,14 +60,11 @@ def restorer(tiny_model) -> Restorer:
 @pytest.fixture(scope="session")
 def aoti_package(tmp_path_factory, tiny_weights) -> Path:
     """The tiny golden AMIR exported through the `medir-fast export --format aoti` entry point."""
-    from medir_fast.export import aoti
+    from medir_fast.cli import main
 
     path = tmp_path_factory.mktemp("aoti") / "tiny.pt2"
-    parser = argparse.ArgumentParser()
-    aoti.add_arguments(parser)
-    args = parser.parse_args(["--weights", str(tiny_weights), "-o", str(path), "--max-batch", "16", "--max-side", "256"])
     start = time.perf_counter()
-    assert aoti.run(args) == 0
+    assert main(["export", "--weights", str(tiny_weights), "-o", str(path), "--max-batch", "16", "--max-side", "256"]) == 0
     print(f"\nAOTInductor export of the tiny AMIR: {time.perf_counter() - start:.0f} s")
     return path
 

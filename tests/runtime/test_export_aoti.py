@@ -3,12 +3,10 @@ batch and any multiple-of-8 size within its bounds, and bad input is one clear e
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
-from medir_fast.export import aoti
+from medir_fast.cli import main
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 16, 16), (3, 1, 48, 64), (2, 1, 40, 24), (16, 1, 24, 32)])
@@ -22,12 +20,6 @@ def test_package_matches_the_eval_model(aoti_package, tiny_model, shape):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # fp32, normalised space
 
 
-def _parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    aoti.add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 @pytest.mark.parametrize("argv,message", [
     (("--weights", "{tmp}/missing.pth", "-o", "{tmp}/m.pt2"), "weights file not found"),
     (("--weights", "{weights}", "-o", "{tmp}/m.onnx"), "must end in .pt2"),
@@ -36,8 +28,7 @@ def _parse(*argv: str) -> argparse.Namespace:
     (("--weights", "{weights}", "-o", "{tmp}/m.pt2", "--device", "tpu"), "unknown device"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, tiny_weights, capsys, argv, message):
-    args = _parse(*(a.format(tmp=tmp_path, weights=tiny_weights) for a in argv))
-    assert aoti.run(args) == 2
+    assert main(["export", *(a.format(tmp=tmp_path, weights=tiny_weights) for a in argv)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
-    assert not (tmp_path / "m.pt2").exists()
+    assert len(err) == 1 and err[0].startswith("medir-fast: error: ") and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no package, no temporary
