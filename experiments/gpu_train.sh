@@ -22,8 +22,6 @@ if ! python3 -c "import nibabel" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Without an install, the subpackages that setup.py maps from the top level need a link.
-for d in export kernels; do [ -e "medir_fast/$d" ] || ln -s "../$d" "medir_fast/$d"; done
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 # The projector on the GPU must give the CPU's noiseless reconstruction (same code, other device).

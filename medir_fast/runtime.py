@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _runtime
-from .restorer import NAN_POLICIES
+from .io import NAN_POLICIES
 
 POLL_SECONDS = 0.1  # longest a consumer waits inside the runtime before Python can handle a signal
 

@@ -68,7 +68,10 @@ def per_modality(spec: str, modalities: tuple[str, ...], error: ValueError) -> d
         values = {}
         for key, value in (part.split("=") for part in spec.split(",")):
             key = key.strip()
-            values[get_task(key if key in TASKS else key.upper()).modality] = int(value)
+            modality = get_task(key if key in TASKS else key.upper()).modality
+            if modality in values:
+                raise ValueError(f"{modality} given twice")
+            values[modality] = int(value)
     except ValueError:
         raise error from None
     if set(values) != set(modalities):

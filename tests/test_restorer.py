@@ -153,3 +153,24 @@ def test_self_ensemble_averages_the_eight_turns_and_flips(tiny_model, shape):
     turned = np.ascontiguousarray(np.rot90(x, 1, (1, 2))[..., ::-1])
     np.testing.assert_allclose(ensemble.restore_normalized(turned), np.rot90(out, 1, (1, 2))[..., ::-1], rtol=1e-4, atol=1e-5)
     assert not np.allclose(plain.restore_normalized(turned), np.rot90(plain.restore_normalized(x), 1, (1, 2))[..., ::-1], atol=1e-4)
+
+
+def test_out_of_memory_retries_that_batch_in_tiles_only(tiny_model, monkeypatch, caplog):
+    """A CUDA out-of-memory error on a whole-slice batch: that batch runs in 256 x 256 tiles (one
+    tile per call); the next batch tries whole slices again; one warning."""
+    restorer = Restorer(tiny_model, "ct_denoise", batch_size=1)
+    restorer.device = torch.device("cuda")  # the retry is for CUDA memory; the network still runs on the CPU
+    sizes, real = [], restorer._run_padded
+
+    def flaky(batch):
+        sizes.append(tuple(batch.shape[-2:]))
+        if batch.shape[-1] == 296 and sizes.count((296, 296)) == 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(batch)
+    monkeypatch.setattr(restorer, "_run_padded", flaky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    x = np.random.default_rng(0).uniform(0, 1, (2, 296, 296)).astype(np.float32)
+    out = restorer.restore_normalized(x)
+    assert sizes[0] == (296, 296) and sizes[1:5] == [(256, 256)] * 4 and sizes[5] == (296, 296)
+    assert restorer.tile is None and out.shape == x.shape and np.isfinite(out).all()
+    assert caplog.text.count("do not fit") == 1

@@ -201,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="paired data root: ROOT/{CT,MRI,PET}/{split}/{LQ,HQ}/*.nii[.gz]")
     parser.add_argument("--weights", help="checkpoint file or shipped model name (default: the shipped default)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--modalities", default="CT,MRI,PET", help="comma-separated subset of CT,MRI,PET")
+    parser.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of the task table's modalities")
     parser.add_argument("--json", help="write the full report (per-slice metrics, chosen parameters) here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json report")
     parser.add_argument("--no-model", action="store_true", help="only the degraded input and the baselines")

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import first_line
-from ..tasks import MODALITIES, TASKS, get_task
+from ..tasks import MODALITIES, get_task
 from . import simulate
 from .sources import CACHE, OTHER_VOLUMES, SOURCE_MODALITY, SOURCES, DataError, clean_volume, fetch, save_nifti
 
@@ -90,7 +90,7 @@ def build_pairs(root: Path, cache: Path = CACHE, ct_realizations: int = 2, seed:
                     lq, target = simulate.simulate_ct(hq, pixel_mm=float(zooms[0]), seed=seed + 1000 * r + SPLIT_SEED[split])
                     write("CT", split, f"{name}_r{r}", lq, target, zooms)
             elif modality == "MRI":
-                for scale in TASKS["mri_sr"].scales:
+                for scale in get_task("MRI").scales:
                     write("MRI", split, f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
             else:
                 write("PET", split, name, simulate.simulate_pet(hq, seed=seed + SPLIT_SEED[split]), hq, zooms)
@@ -115,7 +115,7 @@ def build_other_volumes(root: Path, cache: Path = CACHE, seed: int = 0) -> Path:
             _write_pair(root, "CT", "test", name, lq, target, zooms)
         else:
             hq = volume[np.flatnonzero((volume != 0).mean(axis=(1, 2)) >= 0.05)[::MRI_STRIDE]]
-            for scale in TASKS["mri_sr"].scales:
+            for scale in get_task("MRI").scales:
                 _write_pair(root, "MRI", "test", f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
     return root
 
@@ -168,7 +168,7 @@ def degrade(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Gener
     if modality == "CT":
         return {"": simulate.simulate_ct(hq, pixel_mm=pixel_mm, seed=int(rng.integers(2**31)), device=device)}
     if modality == "MRI":
-        return {f"_x{s}": (simulate.simulate_mri(hq, s), hq) for s in TASKS["mri_sr"].scales}
+        return {f"_x{s}": (simulate.simulate_mri(hq, s), hq) for s in get_task("MRI").scales}
     return {"": (simulate.simulate_pet(hq, seed=int(rng.integers(2**31))), hq)}
 
 

@@ -34,7 +34,7 @@ def read_record(run_dir: Path) -> dict:
     return {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
 
 
-def read_weights(run_dir: Path) -> dict:
+def read_run_weights(run_dir: Path) -> dict:
     if (run_dir / "weights.pth").is_file():
         return torch.load(run_dir / "weights.pth", map_location="cpu", weights_only=True)
     return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
@@ -106,8 +106,7 @@ def history(init: str | None) -> list[dict]:
         return []
     if Path(init).is_file():
         init = shipped_as(Path(init)) or init
-    manifest = weights.manifest()
-    shipped = manifest["models"].get(manifest["default"] if init == "default" else init)
+    shipped = weights.manifest()["models"].get(weights.shipped_name(init))
     if shipped:
         return shipped["training"].get("stages") or [{k: v for k, v in shipped["training"].items() if k not in ("data", "protocol")}]
     run_dir = Path(init).parent
@@ -150,7 +149,7 @@ def main() -> int:
         parser.error("give at least one RUN_DIR")
 
     records = [read_record(d) for d in run_dirs]
-    state_dicts = [read_weights(d) for d in run_dirs]
+    state_dicts = [read_run_weights(d) for d in run_dirs]
     if len(records) == 1 and not args.with_init:
         state_dict, last_stage = state_dicts[0], stage(records[0], args.augmented_copies)
     else:
@@ -176,7 +175,7 @@ def main() -> int:
         "training": {
             "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": paired.SPLITS[name]}
                      for name, s in sources.items() if name in paired.SOURCES},
-            "protocol": "medir_fast.lab.simulate v1",
+            "protocol": "v1 (medir_fast.lab.simulate)",
             "stages": stages,
         },
         "metrics": metrics(report),

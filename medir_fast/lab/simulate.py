@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..tasks import SCALES
+
 MU_WATER = 0.0192  # mm^-1, attenuation of water at the protocol's effective energy
 CT_I0 = 3e5
 CT_VIEWS = 360
@@ -133,8 +135,8 @@ def simulate_mri(slices: np.ndarray, scale: int) -> np.ndarray:
 
     `slices` [..., H, W] are the (already scaled) targets; returns the degraded input.
     """
-    if scale not in (2, 4):
-        raise ValueError(f"MRI scale must be 2 or 4, got {scale}")
+    if scale not in SCALES:
+        raise ValueError(f"MRI scale must be one of {SCALES}, got {scale}")
     x = np.asarray(slices, dtype=np.float64)
     h, w = x.shape[-2:]
     k = np.fft.fftshift(np.fft.fft2(x), axes=(-2, -1))

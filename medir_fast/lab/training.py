@@ -110,7 +110,7 @@ class PatchSampler:
 
 
 class FreshPairStream:
-    """Pools of protocol-v1 pairs degraded afresh (`data.fresh_pairs`), one ready ahead of use.
+    """Pools of protocol-v1 pairs degraded afresh (`paired.fresh_pairs`), one ready ahead of use.
 
     The next pool is simulated in a background thread while the current one trains, so a GPU
     run does not wait for the CT projector; each pool's seed comes from the run's generator.
@@ -330,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--stop-after", type=int, help="run at most this many steps now (resume later with --resume)")
-    parser.add_argument("--modalities", default="CT,MRI,PET", help="comma-separated subset of CT,MRI,PET")
+    parser.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of the task table's modalities")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 

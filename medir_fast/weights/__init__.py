@@ -8,6 +8,7 @@ slices (`"tile"`); `"default"` names the model `load()` returns when no name is 
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -31,7 +32,7 @@ def manifest() -> dict:
     if not MANIFEST.is_file():
         return {"default": None, "models": {}}
     stat = MANIFEST.stat()
-    return _parse(MANIFEST, stat.st_mtime_ns, stat.st_size)
+    return copy.deepcopy(_parse(MANIFEST, stat.st_mtime_ns, stat.st_size))  # callers may edit theirs
 
 
 @functools.lru_cache(maxsize=4)

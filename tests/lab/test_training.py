@@ -86,7 +86,7 @@ def test_cli_trains_and_exports_loadable_weights(layout, tmp_path, capsys):
 
 def test_a_deeper_config_grows_from_its_init_and_keeps_the_start(layout, tmp_path):
     """--init with more blocks in --config: the run starts from the init weights plus identity
-    blocks, written to OUT/init.pth (what `ship_weights.py --with-init` averages with)."""
+    blocks, written to OUT/init.pth (what `medir_fast.lab.ship_weights --with-init` averages with)."""
     training.train(layout, tmp_path / "small", CONFIG, steps=2, batch_size=3, crop=32, progress=False)
     training.export_weights(tmp_path / "small" / "last.pt", tmp_path / "small.pth")
     deeper = dict(CONFIG, num_blocks=[1, 2, 1, 2])

@@ -195,7 +195,7 @@ def test_nan_policy_zero_takes_nan_and_inf_as_zero_physical(task):
 
 def test_nan_policy_names_are_the_api_ones():
     from medir_fast import runtime
-    from medir_fast.restorer import NAN_POLICIES
+    from medir_fast.io import NAN_POLICIES
 
     assert runtime.NAN_POLICIES is NAN_POLICIES == ("error", "zero")
     for policy in NAN_POLICIES:
