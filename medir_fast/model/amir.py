@@ -275,7 +275,9 @@ class SpatialRouting(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # routing is float32 (see module docstring)
             x = _full_precision(x)
             pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-            prompt_term = self.fc(prompt.to(x.dtype)).repeat_interleave(h * w, dim=0)  # [B*H*W, C]
+            # [B*H*W, C]: each image's prompt term beside each of its pixels (a broadcast, which
+            # exports to ONNX at any batch size; repeat_interleave does not)
+            prompt_term = self.fc(prompt.to(x.dtype))[:, None, :].expand(b, h * w, c).reshape(b * h * w, c)
             y, loss = self.moe(pixels, torch.cat([pixels, prompt_term], dim=1))
         return y.reshape(b, h, w, c).permute(0, 3, 1, 2) + x, loss
 
