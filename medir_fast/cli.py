@@ -28,7 +28,7 @@ SUBCOMMANDS = {
                 "add_example_arguments", "run_example"),
     "train": ("train AMIR on simulated or paired data", "medir_fast.lab.training", "add_arguments", "run"),
     "eval": ("evaluate a model against classical baselines", "medir_fast.lab.evaluate", "add_arguments", "run"),
-    "export": ("export an engine file (AOTInductor .pt2)", "medir_fast.export.aoti", "add_arguments", "run"),
+    "export": ("export an engine file (AOTInductor .pt2, ONNX)", "medir_fast.export", "add_arguments", "run"),
 }
 
 log = logging.getLogger("medir_fast")
@@ -90,6 +90,7 @@ def _progress_factory(enabled: bool):
 
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
+    from .backends import BACKENDS
     from .io import NAN_POLICIES, OUT_DTYPES
     from .tasks import SCALES, TASKS
 
@@ -97,7 +98,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="output NIfTI path (default: INPUT_<task>.nii.gz beside the input)")
     p.add_argument("--task", required=True, choices=list(TASKS), help="restoration task (sets the intensity range)")
     p.add_argument("--weights", help="a shipped model name (default, slim) or a checkpoint file (default: the shipped default)")
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "triton"], help="inference backend")
+    p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="inference backend")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA, fp32 on CPU")

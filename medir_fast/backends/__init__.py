@@ -31,7 +31,8 @@ class BackendUnavailable(RuntimeError):
 
 
 # name -> module; each module has `unavailable_reason(device, dtype) -> str | None` and `make(model, device, dtype)`.
-BACKENDS = {"eager": "medir_fast.backends.eager", "triton": "medir_fast.backends.triton"}
+BACKENDS = {"eager": "medir_fast.backends.eager", "triton": "medir_fast.backends.triton",
+            "onnxruntime": "medir_fast.backends.onnxruntime"}
 # 'auto' tries these in order; on the CPU only eager (Triton's CPU interpreter is for tests, not use).
 AUTO_ORDER = {"cuda": ("triton", "eager"), "cpu": ("eager",)}
 

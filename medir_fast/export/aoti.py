@@ -8,7 +8,6 @@ serves every task preset.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -43,32 +42,3 @@ def export_aoti(model: torch.nn.Module, path: str | Path, *, device: str | torch
         path.parent.mkdir(parents=True, exist_ok=True)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=["aoti"], default="aoti",
-                        help="engine format (aoti: AOTInductor .pt2 package for the C++ runtime)")
-    parser.add_argument("--weights", help="checkpoint file or shipped model name (default: the shipped default weights)")
-    parser.add_argument("-o", "--output", required=True, help="package to write (.pt2)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing package")
-    parser.add_argument("--device", default="cpu", help="device the package runs on: cpu, cuda or cuda:N")
-    parser.add_argument("--max-batch", type=int, default=64, help="upper bound on the batch the package is compiled for")
-    parser.add_argument("--max-side", type=int, default=4096,
-                        help="upper bound on height and width the package is compiled for (multiple of 8)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """The output path is checked before the (minutes-long) compile; the package is written
-    whole or not at all. Errors reach the command line's one-line handler."""
-    from medir_fast.api import load_model
-    from medir_fast.outputs import Outputs
-    from medir_fast.restorer import resolve_device
-
-    device = resolve_device(args.device)
-    with Outputs(overwrite=args.overwrite) as outputs:
-        target = outputs.add(args.output, "package", (".pt2",))
-        model = load_model(args.weights)
-        export_aoti(model, outputs.temporary(target), device=device, max_batch=args.max_batch, max_side=args.max_side)
-        outputs.commit()
-    print(f"wrote {target}")
-    return 0

@@ -1,0 +1,118 @@
+"""The `onnxruntime` backend: the model exported to ONNX (`medir_fast.export.onnx`) and run by
+ONNX Runtime (its CPU provider; the CUDA provider where it is installed).
+
+The engine is exported on first use and cached under `$MEDIR_FAST_CACHE/engines` (default
+`~/.cache/medir-fast/engines`), keyed by the weights' sha256, the config, the precision, the
+shape profile and the library versions: a second run with the same model starts in seconds.
+A cached file whose metadata does not fit the model is rebuilt, never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("medir_fast")
+
+MAX_BATCH = 64
+MAX_SIDE = 4096
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as exc:
+        return f"{exc.name} is not installed (pip install onnx onnxruntime)"
+    if dtype != torch.float32:
+        return "only float32 ONNX engines are built so far (use --precision fp32)"
+    if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
+    if device.type not in ("cpu", "cuda"):
+        return f"no ONNX Runtime provider for {device.type}"
+    return None
+
+
+def engine_folder() -> Path:
+    return Path(os.environ.get("MEDIR_FAST_CACHE", Path.home() / ".cache" / "medir-fast")) / "engines"
+
+
+def engine_key(model: torch.nn.Module, settings: dict) -> str:
+    """What an engine depends on, hashed: weights, config, precision and shape profile, versions."""
+    import onnx
+    import onnxruntime
+
+    from .. import __version__
+    from ..export.onnx import FORMAT, weights_sha256
+
+    parts = dict(format=FORMAT, weights=weights_sha256(model), config=model.config, settings=settings,
+                 versions=[__version__, torch.__version__, onnx.__version__, onnxruntime.__version__])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def fits(path: Path, model: torch.nn.Module) -> str | None:
+    """Why the engine file at `path` cannot run `model` (None: it can)."""
+    from ..export.onnx import FORMAT, read_metadata, weights_sha256
+
+    try:
+        meta = read_metadata(path)
+    except Exception as exc:  # onnx raises several types for a damaged file
+        return f"unreadable ({type(exc).__name__})"
+    if meta.get("medir_fast.format") != FORMAT:
+        return "not a medir-fast ONNX engine"
+    if json.loads(meta.get("medir_fast.config", "null")) != json.loads(json.dumps(model.config)):
+        return "built for another AMIR config"
+    if meta.get("medir_fast.weights_sha256") != weights_sha256(model):
+        return "built from other weights"
+    return None
+
+
+def cached_engine(model: torch.nn.Module) -> Path:
+    """The ONNX engine of `model`: from the cache when it is there and fits, else exported now."""
+    from ..export.onnx import export_onnx
+    from ..outputs import write_atomically
+
+    settings = dict(precision="fp32", max_batch=MAX_BATCH, max_side=MAX_SIDE)
+    path = engine_folder() / f"amir-{engine_key(model, settings)}.onnx"
+    if path.is_file():
+        reason = fits(path, model)
+        if reason is None:
+            return path
+        log.warning("cached engine %s is %s; building it again", path, reason)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("exporting the model to ONNX for onnxruntime (once per model; cached at %s)", path)
+    write_atomically(path, lambda tmp: export_onnx(model, tmp, max_batch=MAX_BATCH, max_side=MAX_SIDE), "engine")
+    return path
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        import onnxruntime
+
+        self.device = device
+        self.dtype = dtype
+        self.engine = cached_engine(model)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+        self.session = onnxruntime.InferenceSession(str(self.engine), options,
+                                                    providers=[*providers, "CPUExecutionProvider"])
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] > MAX_BATCH or max(batch.shape[-2:]) > MAX_SIDE:
+            raise ValueError(f"batch {tuple(batch.shape)} is outside the engine's profile "
+                             f"(batch <= {MAX_BATCH}, sides <= {MAX_SIDE}); use a smaller --batch-size or --tile")
+        image = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        (restored,) = self.session.run(["restored"], {"image": image})
+        return torch.from_numpy(restored)
+
+
+def make(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(model, device, dtype)

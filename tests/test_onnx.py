@@ -1,0 +1,132 @@
+"""ONNX export (`medir-fast export --format onnx`) and the `onnxruntime` backend: parity with the
+eager float32 model on every golden case and the shipped weights at batch 1 and 3 and odd sizes,
+only ops TensorRT's ONNX parser takes, metadata that says what the file was built from, a cache
+that is reused and refuses what does not fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medir_fast import Restorer, load_model
+from medir_fast.cli import main
+
+from .conftest import GOLDEN_CASES, golden
+
+onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+
+from medir_fast.backends import onnxruntime as ort_backend  # noqa: E402
+from medir_fast.export.onnx import (TENSORRT_OPS, export_onnx, read_metadata, unsupported_ops,  # noqa: E402
+                                    weights_sha256)
+
+# ONNX Runtime and PyTorch run the same float32 graph with other kernels and summation orders.
+REL_L2, MAX_ABS = 1e-5, 1e-4  # normalised units
+SHAPES = [(1, 1, 40, 56), (3, 1, 24, 72)]  # batch 1 and 3, non-square, odd multiples of 8
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """Each golden case exported once (tiny through the command line) and the shipped weights."""
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = {}
+    for case in GOLDEN_CASES:
+        model, _ = golden(case)
+        paths[case] = folder / f"{case}.onnx"
+        if case == "tiny":
+            weights = folder / "tiny.pth"
+            torch.save(model.state_dict(), weights)
+            assert main(["export", "--format", "onnx", "--weights", str(weights), "-o", str(paths[case]),
+                         "--max-side", "512"]) == 0
+        else:
+            export_onnx(model, paths[case], max_side=512)
+    paths["slim"] = export_onnx(load_model("slim"), folder / "slim.onnx", max_side=512)
+    return paths
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _close(actual: np.ndarray, expected: np.ndarray) -> None:
+    rel = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+    assert rel <= REL_L2 and np.abs(actual - expected).max() <= MAX_ABS, (rel, np.abs(actual - expected).max())
+
+
+@pytest.mark.parametrize("case", [*GOLDEN_CASES, "slim"])
+def test_onnx_runtime_matches_eager_at_batch_1_and_3(engines, case):
+    model = load_model("slim") if case == "slim" else golden(case)[0]
+    session = _session(engines[case])
+    for i, shape in enumerate(SHAPES):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            expected = model(x).numpy()
+        _close(session.run(["restored"], {"image": x.numpy()})[0], expected)
+    if case != "slim":  # and the official outputs of the golden inputs
+        _, io = golden(case)
+        for x, official in zip(io["inputs"], io["outputs"]):
+            _close(session.run(["restored"], {"image": x.numpy()})[0], official.numpy())
+
+
+@pytest.mark.parametrize("case", [*GOLDEN_CASES, "slim"])
+def test_graph_has_only_what_tensorrt_takes(engines, case):
+    proto = onnx.load(str(engines[case]))
+    assert proto.opset_import[0].version >= 18
+    assert {n.op_type for n in proto.graph.node} <= TENSORRT_OPS
+    assert unsupported_ops(proto) == []
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for i, d in enumerate(dims) if i != 1)  # batch, height and width dynamic
+
+
+def test_the_check_can_fail():
+    proto = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("NonZero", ["x"], ["y"], name="nz"),
+         onnx.helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", sorted=0),
+         onnx.helper.make_node("LayerNormalization", ["x", "s"], ["n", "mean"], name="ln"),
+         onnx.helper.make_node("Add", ["mean", "x"], ["z"], name="add")],
+        "g", [], []))
+    assert unsupported_ops(proto) == ["op NonZero (nz)", "TopK with sorted=0 (topk)",
+                                      "LayerNormalization with its mean or inverse std used (ln)"]
+
+
+def test_metadata_says_what_the_file_was_built_from(engines):
+    meta = read_metadata(engines["slim"])
+    model = load_model("slim")
+    assert json.loads(meta["medir_fast.config"]) == json.loads(json.dumps(model.config))
+    assert meta["medir_fast.weights_sha256"] == weights_sha256(model)
+    assert json.loads(meta["medir_fast.tiles"]) == {"ct_denoise": 80, "mri_sr": 128, "pet_synthesis": 64}
+    assert json.loads(meta["medir_fast.tasks"])["ct_denoise"] == [-1024.0, 3071.0]
+    assert json.loads(meta["medir_fast.export"]) == {"max_batch": 64, "max_side": 512, "opset": 18, "precision": "fp32"}
+
+
+def test_backend_runs_the_cached_engine_and_matches_eager(engines, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDIR_FAST_CACHE", str(tmp_path))
+    model = load_model("slim")
+    settings = dict(precision="fp32", max_batch=ort_backend.MAX_BATCH, max_side=ort_backend.MAX_SIDE)
+    cached = ort_backend.engine_folder() / f"amir-{ort_backend.engine_key(model, settings)}.onnx"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(engines["slim"].read_bytes())  # as if a first run had exported it
+    monkeypatch.setattr("medir_fast.export.onnx.export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    slices = np.random.default_rng(0).uniform(-1024, 1500, (3, 61, 70)).astype(np.float32)
+    fast = Restorer(model, "ct_denoise", backend="onnxruntime", batch_size=2)
+    assert fast.backend.name == "onnxruntime" and fast.backend.engine == cached
+    eager = Restorer(model, "ct_denoise", backend="eager", batch_size=2)
+    np.testing.assert_allclose(fast.restore_slices(slices), eager.restore_slices(slices), rtol=0, atol=1e-4 * 4095)
+
+
+def test_an_engine_that_does_not_fit_is_refused(engines):
+    tiny, _ = golden("tiny")
+    assert ort_backend.fits(engines["tiny"], tiny) is None
+    assert ort_backend.fits(engines["biased"], tiny) == "built for another AMIR config"
+    other = golden("tiny")[0]
+    with torch.no_grad():
+        other.output.weight.add_(1e-3)
+    assert ort_backend.fits(engines["tiny"], other) == "built from other weights"
+
+
+def test_unavailable_reasons_are_plain():
+    assert "float32" in ort_backend.unavailable_reason(torch.device("cpu"), torch.bfloat16)
+    assert ort_backend.unavailable_reason(torch.device("cpu"), torch.float32) is None
