@@ -27,6 +27,9 @@ setup(
         "pillow>=9.0",  # also decodes the JPEG 2000 CT slice of the other-volume test set
         "pydicom>=3.0",  # the other patients' CT slices (DICOM) in the other-volume test set
         "scipy>=1.10",  # PET simulation and the Gaussian baseline
+        "onnx>=1.17",  # ONNX engines (export --format onnx, the onnxruntime backend)
+        "onnxscript>=0.5",  # what PyTorch's ONNX exporter translates with
+        "onnxruntime>=1.20",  # the onnxruntime backend (its CPU provider; onnxruntime-gpu in its place adds CUDA)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0", "bm3d>=4.0", "scikit-image>=0.22"],

@@ -1,9 +1,13 @@
-"""CPU latency of the eager backend per slice, default AMIR configuration (random weights).
+"""CPU latency per slice of one or more backends, default AMIR configuration (random weights)
+or given weights.
 
-    python benchmarks/cpu_latency.py [--size 256] [--batch 1] [--repeats 5] [--self-ensemble] [--tile N] [--json out.json]
+    python benchmarks/cpu_latency.py [--size 256] [--batch 1] [--repeats 5] [--self-ensemble] [--tile N]
+                                     [--backends eager,onnxruntime] [--weights slim] [--json out.json]
 
-Times `Restorer.restore_normalized` (padding, backend, crop) after one warm-up run, reports
-the median and the spread; threads = torch's default (all cores).
+Times `Restorer.restore_normalized` (padding, tiling, backend, crop) after one warm-up run per
+backend (which also builds an engine that is not cached yet); with several backends the rounds
+alternate between them, so that a busy machine biases none. Reports each one's median and spread
+and the ratio of medians against the first; threads = torch's default (all cores).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from medir_fast import Restorer
+from medir_fast import Restorer, load_model
 from medir_fast.model import AMIR, DEFAULT_CONFIG
 
 
@@ -30,24 +34,37 @@ def main() -> None:
     p.add_argument("--config", default="default", help="'default' or a JSON dict of AMIR arguments")
     p.add_argument("--self-ensemble", action="store_true", help="time the 8-way flip-and-turn average")
     p.add_argument("--tile", type=int, default=None, help="time N x N overlapping tiles instead of whole slices")
+    p.add_argument("--backends", default="eager", help="comma-separated backends, timed in alternating rounds")
+    p.add_argument("--weights", default=None, help="a shipped name or checkpoint instead of random weights")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
-    config = DEFAULT_CONFIG if args.config == "default" else {**DEFAULT_CONFIG, **json.loads(args.config)}
-    restorer = Restorer(AMIR(**config), "ct_denoise", backend="eager", device="cpu",
-                        precision=args.precision, batch_size=args.batch, tile=args.tile, self_ensemble=args.self_ensemble)
+    if args.weights:
+        model = load_model(args.weights)
+    else:
+        model = AMIR(**(DEFAULT_CONFIG if args.config == "default" else {**DEFAULT_CONFIG, **json.loads(args.config)}))
+    backends = args.backends.split(",")
+    restorers = {b: Restorer(model, "ct_denoise", backend=b, device="cpu", precision=args.precision,
+                             batch_size=args.batch, tile=args.tile or 0, self_ensemble=args.self_ensemble)
+                 for b in backends}
     x = np.random.default_rng(0).random((args.batch, args.size, args.size), dtype=np.float32)
-    restorer.restore_normalized(x)  # warm-up
-    times = []
+    times = {b: [] for b in backends}
+    for restorer in restorers.values():
+        restorer.restore_normalized(x)  # warm-up
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        restorer.restore_normalized(x)
-        times.append((time.perf_counter() - t0) / args.batch)
+        for b, restorer in restorers.items():
+            t0 = time.perf_counter()
+            restorer.restore_normalized(x)
+            times[b].append((time.perf_counter() - t0) / args.batch)
+    medians = {b: statistics.median(t) for b, t in times.items()}
     result = dict(
-        what=f"eager {args.precision}, {args.batch} x {args.size}x{args.size}, config {args.config}"
+        what=f"{args.precision}, {args.batch} x {args.size}x{args.size}, "
+             + (f"weights {args.weights}" if args.weights else f"config {args.config}")
              + (", self-ensemble" if args.self_ensemble else "") + (f", {args.tile}x{args.tile} tiles" if args.tile else ""),
-        seconds_per_slice_median=statistics.median(times), seconds_per_slice_min=min(times),
-        seconds_per_slice_max=max(times), repeats=args.repeats, threads=torch.get_num_threads(),
+        backends={b: dict(seconds_per_slice_median=medians[b], seconds_per_slice_min=min(t),
+                          seconds_per_slice_max=max(t), speedup_vs_first=medians[backends[0]] / medians[b])
+                  for b, t in times.items()},
+        repeats=args.repeats, threads=torch.get_num_threads(),
         cpu=platform.processor() or platform.machine(), torch=torch.__version__,
         date=time.strftime("%Y-%m-%d"),
     )

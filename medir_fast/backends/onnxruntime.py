@@ -90,15 +90,27 @@ def cached_engine(model: torch.nn.Module) -> Path:
     return path
 
 
+class EngineError(ValueError):
+    """An engine file that cannot run the model asked for; the message is meant for the user."""
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, engine=None):
         import onnxruntime
+
+        from ..export.onnx import read_metadata
 
         self.device = device
         self.dtype = dtype
-        self.engine = cached_engine(model)
+        if engine is not None:
+            reason = fits(Path(engine), model) if Path(engine).is_file() else "not found"
+            if reason is not None:
+                raise EngineError(f"engine {engine} cannot run this model: {reason}")
+        self.engine = Path(engine) if engine is not None else cached_engine(model)
+        profile = json.loads(read_metadata(self.engine)["medir_fast.export"])
+        self.max_batch, self.max_side = profile["max_batch"], profile["max_side"]
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
@@ -106,13 +118,13 @@ class OnnxRuntimeBackend:
                                                     providers=[*providers, "CPUExecutionProvider"])
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.shape[0] > MAX_BATCH or max(batch.shape[-2:]) > MAX_SIDE:
-            raise ValueError(f"batch {tuple(batch.shape)} is outside the engine's profile "
-                             f"(batch <= {MAX_BATCH}, sides <= {MAX_SIDE}); use a smaller --batch-size or --tile")
+        if batch.shape[0] > self.max_batch or max(batch.shape[-2:]) > self.max_side:
+            raise EngineError(f"batch {tuple(batch.shape)} is outside the engine's profile (batch <= "
+                              f"{self.max_batch}, sides <= {self.max_side}); use a smaller --batch-size or --tile")
         image = batch.detach().to("cpu", torch.float32).contiguous().numpy()
         (restored,) = self.session.run(["restored"], {"image": image})
         return torch.from_numpy(restored)
 
 
-def make(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> OnnxRuntimeBackend:
-    return OnnxRuntimeBackend(model, device, dtype)
+def make(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, engine=None) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(model, device, dtype, engine)
