@@ -54,9 +54,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .restorer import InputError
     from .weights import WeightsError
 
-    # OSError: a file or folder the system refused (permissions, disk full): the user's to fix.
+    # OSError: a file or folder the system refused (permissions, disk full); ImportError: a missing
+    # optional dependency. Both are the user's to fix.
     return (UsageError, VolumeError, OutputError, InputError, CheckpointError, WeightsError, BackendUnavailable,
-            ValueError, OSError)
+            ValueError, OSError, ImportError)
 
 
 def _default_output(input_path: str, task: str) -> Path:
@@ -158,6 +159,8 @@ def run_engine_info(path: str) -> int:
         raise UsageError(f"engine file not found: {path}")
     try:
         meta = read_metadata(path)
+    except ImportError:
+        raise
     except Exception as exc:  # onnx raises several types for a file that is not ONNX
         raise UsageError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from exc
     if meta.get("medir_fast.format") != FORMAT:

@@ -159,3 +159,40 @@ def test_info_prints_what_an_engine_was_built_from(engines, capsys):
     assert main(["info", str(engines["slim"])]) == 0
     out = capsys.readouterr().out
     assert "weights_sha256: " in out and '"max_side": 512' in out and "format: medir-fast onnx 1" in out
+
+
+def test_many_tiles_run_in_chunks_of_the_engines_largest_batch(engines):
+    """A 296 x 296 slice in 16 x 16 tiles, 4 slices' worth of pixels per call: 342 tiles per call,
+    more than the engine's largest batch (64): run in chunks, same result as eager."""
+    tiny, _ = golden("tiny")
+    fast = Restorer(tiny, "ct_denoise", engine=engines["tiny"], batch_size=4, tile=16)
+    eager = Restorer(tiny, "ct_denoise", backend="eager", batch_size=4, tile=16)
+    x = np.random.default_rng(1).uniform(0, 1, (1, 296, 296)).astype(np.float32)
+    np.testing.assert_allclose(fast.restore_normalized(x), eager.restore_normalized(x), rtol=0, atol=1e-4)
+
+
+def test_a_stale_cached_engine_is_rebuilt_never_run(engines, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MEDIR_FAST_CACHE", str(tmp_path))
+    tiny, _ = golden("tiny")
+    settings = dict(precision="fp32", max_batch=ort_backend.MAX_BATCH, max_side=ort_backend.MAX_SIDE)
+    cached = ort_backend.engine_folder() / f"amir-{ort_backend.engine_key(tiny, settings)}.onnx"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(engines["biased"].read_bytes())  # another model's engine under this key
+    built = []
+    monkeypatch.setattr("medir_fast.export.onnx.export_onnx",
+                        lambda model, path, **k: built.append(path) or path.write_bytes(engines["tiny"].read_bytes()))
+    assert Restorer(tiny, "ct_denoise", backend="onnxruntime").backend.engine == cached
+    assert len(built) == 1 and "building it again" in caplog.text
+    assert ort_backend.fits(cached, tiny) is None
+
+
+@pytest.mark.parametrize("content", [b"not onnx at all", None], ids=["not onnx", "onnx without our metadata"])
+def test_info_on_a_file_that_is_not_our_engine_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "x.onnx"
+    if content is None:
+        onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(path))
+    else:
+        path.write_bytes(content)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("not a readable ONNX file" in err[0] or "no medir-fast metadata" in err[0])

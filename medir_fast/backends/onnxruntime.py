@@ -15,7 +15,10 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from . import BackendUnavailable
 
 log = logging.getLogger("medir_fast")
 
@@ -27,8 +30,9 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     try:
         import onnx  # noqa: F401
         import onnxruntime
+        import onnxscript  # noqa: F401  (what PyTorch's exporter translates with)
     except ImportError as exc:
-        return f"{exc.name} is not installed (pip install onnx onnxruntime)"
+        return f"{exc.name} is not installed (pip install onnx onnxscript onnxruntime)"
     if dtype != torch.float32:
         return "only float32 ONNX engines are built so far (use --precision fp32)"
     if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
@@ -50,7 +54,11 @@ def engine_key(model: torch.nn.Module, settings: dict) -> str:
     from .. import __version__
     from ..export.onnx import FORMAT, weights_sha256
 
-    parts = dict(format=FORMAT, weights=weights_sha256(model), config=model.config, settings=settings,
+    from ..export import onnx as exporter
+    from ..model import amir
+
+    code = hashlib.sha256(Path(amir.__file__).read_bytes() + Path(exporter.__file__).read_bytes()).hexdigest()
+    parts = dict(format=FORMAT, weights=weights_sha256(model), config=model.config, settings=settings, code=code,
                  versions=[__version__, torch.__version__, onnx.__version__, onnxruntime.__version__])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -61,9 +69,11 @@ def fits(path: Path, model: torch.nn.Module) -> str | None:
 
     try:
         meta = read_metadata(path)
+    except ImportError:
+        raise
     except Exception as exc:  # onnx raises several types for a damaged file
         return f"unreadable ({type(exc).__name__})"
-    if meta.get("medir_fast.format") != FORMAT:
+    if meta.get("medir_fast.format") != FORMAT or "medir_fast.export" not in meta:
         return "not a medir-fast ONNX engine"
     if json.loads(meta.get("medir_fast.config", "null")) != json.loads(json.dumps(model.config)):
         return "built for another AMIR config"
@@ -75,7 +85,7 @@ def fits(path: Path, model: torch.nn.Module) -> str | None:
 def cached_engine(model: torch.nn.Module) -> Path:
     """The ONNX engine of `model`: from the cache when it is there and fits, else exported now."""
     from ..export.onnx import export_onnx
-    from ..outputs import write_atomically
+    from ..outputs import OutputError, write_atomically
 
     settings = dict(precision="fp32", max_batch=MAX_BATCH, max_side=MAX_SIDE)
     path = engine_folder() / f"amir-{engine_key(model, settings)}.onnx"
@@ -84,9 +94,16 @@ def cached_engine(model: torch.nn.Module) -> Path:
         if reason is None:
             return path
         log.warning("cached engine %s is %s; building it again", path, reason)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the engine cache {path.parent} ({exc.strerror}); set MEDIR_FAST_CACHE") from exc
     log.info("exporting the model to ONNX for onnxruntime (once per model; cached at %s)", path)
-    write_atomically(path, lambda tmp: export_onnx(model, tmp, max_batch=MAX_BATCH, max_side=MAX_SIDE), "engine")
+    try:
+        write_atomically(path, lambda tmp: export_onnx(model, tmp, max_batch=MAX_BATCH, max_side=MAX_SIDE), "engine")
+    except OutputError:  # another process cached it meanwhile
+        if fits(path, model) is not None:
+            raise
     return path
 
 
@@ -113,17 +130,22 @@ class OnnxRuntimeBackend:
         self.max_batch, self.max_side = profile["max_batch"], profile["max_side"]
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+        cuda = [("CUDAExecutionProvider", {"device_id": device.index or 0})] if device.type == "cuda" else []
         self.session = onnxruntime.InferenceSession(str(self.engine), options,
-                                                    providers=[*providers, "CPUExecutionProvider"])
+                                                    providers=[*cuda, "CPUExecutionProvider"])
+        if cuda and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise BackendUnavailable("onnxruntime could not load its CUDA provider here (see its log); "
+                                     "use --device cpu or another backend")
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.shape[0] > self.max_batch or max(batch.shape[-2:]) > self.max_side:
-            raise EngineError(f"batch {tuple(batch.shape)} is outside the engine's profile (batch <= "
-                              f"{self.max_batch}, sides <= {self.max_side}); use a smaller --batch-size or --tile")
+        """Batches larger than the engine's profile (many tiles) run in chunks of its largest."""
+        if max(batch.shape[-2:]) > self.max_side:
+            raise EngineError(f"slices of {batch.shape[-2]}x{batch.shape[-1]} are outside the engine's profile "
+                              f"(sides <= {self.max_side}); use --tile")
         image = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        (restored,) = self.session.run(["restored"], {"image": image})
-        return torch.from_numpy(restored)
+        chunks = [self.session.run(["restored"], {"image": image[i:i + self.max_batch]})[0]
+                  for i in range(0, len(image), self.max_batch)]
+        return torch.from_numpy(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))
 
 
 def make(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, engine=None) -> OnnxRuntimeBackend:

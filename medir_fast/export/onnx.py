@@ -10,6 +10,7 @@ fit the model it is asked to run.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -72,7 +73,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, max_batch: int = 64
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"an ONNX file must end in .onnx, got {path.name}")
-    model = model.eval().float().cpu()
+    model = copy.deepcopy(model).eval().float().cpu()  # the caller's model stays where it is
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     h8 = torch.export.Dim("h8", min=MIN_SIDE_UNITS, max=max_side // 8)
     w8 = torch.export.Dim("w8", min=MIN_SIDE_UNITS, max=max_side // 8)
@@ -109,7 +110,7 @@ def unsupported_ops(proto) -> list[str]:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of an ONNX file written by `export_onnx` (its graph is not loaded)."""
+    """The metadata of an ONNX file written by `export_onnx` (the file is parsed whole)."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
