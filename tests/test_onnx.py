@@ -196,3 +196,14 @@ def test_info_on_a_file_that_is_not_our_engine_is_one_line(tmp_path, capsys, con
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("not a readable ONNX file" in err[0] or "no medir-fast metadata" in err[0])
+
+
+def test_auto_picks_onnxruntime_on_the_cpu_and_says_so(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="medir_fast")
+    tiny, _ = golden("tiny")
+    assert Restorer(tiny, "ct_denoise").backend.name == "onnxruntime"
+    assert "backend onnxruntime on cpu" in caplog.text
+    assert Restorer(torch.nn.Identity(), "ct_denoise").backend.name == "eager"  # not an AMIR: no engine
+    assert "skipping backend onnxruntime (it runs AMIR models only)" in caplog.text

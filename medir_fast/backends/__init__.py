@@ -30,11 +30,14 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says why."""
 
 
-# name -> module; each module has `unavailable_reason(device, dtype) -> str | None` and `make(model, device, dtype)`.
+# name -> module; each module has `unavailable_reason(device, dtype) -> str | None` and `make(model, device, dtype)`,
+# and may have `model_reason(model) -> str | None` (a model it cannot run).
 BACKENDS = {"eager": "medir_fast.backends.eager", "triton": "medir_fast.backends.triton",
             "onnxruntime": "medir_fast.backends.onnxruntime"}
-# 'auto' tries these in order; on the CPU only eager (Triton's CPU interpreter is for tests, not use).
-AUTO_ORDER = {"cuda": ("triton", "eager"), "cpu": ("eager",)}
+# 'auto' tries these in order (Triton's CPU interpreter is for tests, not use). On the CPU ONNX Runtime
+# runs the shipped model 2.1x faster than eager (benchmarks/RESULTS.md); its engine is exported on
+# a model's first use (about half a minute) and cached.
+AUTO_ORDER = {"cuda": ("triton", "eager"), "cpu": ("onnxruntime", "eager")}
 
 
 def _module(name: str):
@@ -46,11 +49,16 @@ def _module(name: str):
         raise BackendUnavailable(f"backend {name!r} cannot be imported: {exc}") from exc
 
 
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, model=None) -> str | None:
+    """Why backend `name` cannot run here (None: it can); with `model`, also why not that model."""
     try:
-        return _module(name).unavailable_reason(device, dtype)
+        module = _module(name)
     except BackendUnavailable as exc:
         return str(exc)
+    reason = module.unavailable_reason(device, dtype)
+    if reason is None and model is not None and hasattr(module, "model_reason"):
+        reason = module.model_reason(model)
+    return reason
 
 
 def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
@@ -63,11 +71,11 @@ def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype:
         name = "onnxruntime"
     if name == "auto":
         for name in AUTO_ORDER[device.type]:
-            reason = unavailable_reason(name, device, dtype)
+            reason = unavailable_reason(name, device, dtype, model)
             if reason is None:
                 break
             log.info("auto: skipping backend %s (%s)", name, reason)
-    reason = unavailable_reason(name, device, dtype)
+    reason = unavailable_reason(name, device, dtype, model)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} unavailable: {reason}")
     if engine is not None:

@@ -42,6 +42,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def model_reason(model: torch.nn.Module) -> str | None:
+    """Engines are built for AMIR models (their config goes into the engine's metadata)."""
+    return None if isinstance(getattr(model, "config", None), dict) else "it runs AMIR models only"
+
+
 def engine_folder() -> Path:
     return Path(os.environ.get("MEDIR_FAST_CACHE", Path.home() / ".cache" / "medir-fast")) / "engines"
 

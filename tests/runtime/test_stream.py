@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,19 +317,37 @@ def _thread_count() -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counting threads needs Linux /proc")
 def test_destruction_with_slices_in_flight_joins_the_worker():
-    x = ct_slices(8, 16, 16, seed=12)
-    before = _thread_count()
-    for _ in range(3):
-        fake = FakeRestorer(delay=0.02)
-        stream = Stream(fake, batch_size=2, queue_depth=8)
-        for s in x:
-            stream.push(s)
-        del stream  # nothing popped, a batch running in Python on the worker thread
-        gc.collect()
-    with Stream(FakeRestorer(delay=0.02), batch_size=2) as stream:  # leaving the block closes it
-        for s in x:
-            stream.push(s)
-    assert _thread_count() <= before  # every worker joined (threads of earlier tests may have ended meanwhile)
+    """In a fresh process, so that no other test's threads (thread pools of torch or ONNX Runtime,
+    started or ended meanwhile) change the count."""
+    code = """
+import gc
+from tests.runtime.test_stream import FakeRestorer, Stream, _thread_count, ct_slices
+import time
+x = ct_slices(8, 16, 16, seed=12)
+with Stream(FakeRestorer(delay=0.02), batch_size=2) as stream:  # whatever a first stream starts once
+    for s in x:
+        stream.push(s)
+gc.collect()
+before = _thread_count()
+for _ in range(3):
+    stream = Stream(FakeRestorer(delay=0.02), batch_size=2, queue_depth=8)
+    for s in x:
+        stream.push(s)
+    del stream  # nothing popped, a batch running in Python on the worker thread
+    gc.collect()
+with Stream(FakeRestorer(delay=0.02), batch_size=2) as stream:  # leaving the block closes it
+    for s in x:
+        stream.push(s)
+deadline = time.monotonic() + 5
+while _thread_count() > before and time.monotonic() < deadline:  # a thread the OS reaps a moment later
+    time.sleep(0.05)
+print(before, _thread_count())
+"""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    before, after = map(int, proc.stdout.split()[-2:])
+    assert after <= before, proc.stdout  # every worker joined
 
 
 def test_close_releases_a_blocked_producer_and_consumer():
