@@ -10,9 +10,12 @@ fit the model it is asked to run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -78,7 +81,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, max_batch: int = 64
     h8 = torch.export.Dim("h8", min=MIN_SIDE_UNITS, max=max_side // 8)
     w8 = torch.export.Dim("w8", min=MIN_SIDE_UNITS, max=max_side // 8)
     example = torch.rand(2, 1, *example_size)
-    with torch.no_grad():
+    with torch.no_grad(), _exporter_quiet():
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, verbose=False,
                                     input_names=["image"], output_names=["restored"],
                                     dynamic_shapes={"inp_img": {0: batch, 2: 8 * h8, 3: 8 * w8}})
@@ -91,6 +94,24 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, max_batch: int = 64
         raise RuntimeError(f"the exported graph has what TensorRT's ONNX parser does not take: {'; '.join(problems)}")
     onnx.save(proto, str(path))
     return path
+
+
+@contextlib.contextmanager
+def _exporter_quiet():
+    """PyTorch's exporter prints its progress and logs warnings about optional packages; a run
+    of `medir-fast` keeps stdout and stderr for its own lines (both show with --debug)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    quiet = not logging.getLogger("medir_fast").isEnabledFor(logging.DEBUG)
+    try:
+        if quiet:
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def unsupported_ops(proto) -> list[str]:
