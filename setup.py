@@ -33,6 +33,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0", "bm3d>=4.0", "scikit-image>=0.22"],
+        # ONNX Runtime's CUDA provider; it holds the same module as onnxruntime (see README)
+        "gpu": ["onnxruntime-gpu>=1.20"],
+        "tensorrt": ["tensorrt>=10"],  # the tensorrt backend and --format tensorrt (NVIDIA GPUs)
     },
     ext_modules=[runtime],
     cmdclass={"build_ext": build_ext},

@@ -29,7 +29,7 @@ SUBCOMMANDS = {
                 "add_example_arguments", "run_example"),
     "train": ("train AMIR on simulated or paired data", "medir_fast.lab.training", "add_arguments", "run"),
     "eval": ("evaluate a model against classical baselines", "medir_fast.lab.evaluate", "add_arguments", "run"),
-    "export": ("export an engine file (AOTInductor .pt2, ONNX)", "medir_fast.export", "add_arguments", "run"),
+    "export": ("export an engine file (ONNX, AOTInductor, TensorRT)", "medir_fast.export", "add_arguments", "run"),
 }
 
 log = logging.getLogger("medir_fast")
@@ -102,7 +102,8 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="a shipped model name (default, slim) or a checkpoint file (default: the shipped default)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="inference backend")
     p.add_argument("--engine", metavar="FILE", default=None,
-                   help="run this engine file (.onnx from medir-fast export) with the onnxruntime backend")
+                   help="run this engine file from medir-fast export (.onnx, .pt2, .engine) with the backend of its "
+                        "format, after checking it was built from these weights")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on CUDA, fp32 on CPU")
@@ -153,20 +154,10 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def run_engine_info(path: str) -> int:
-    from .export.onnx import FORMAT, read_metadata
+    from .export.metadata import PREFIX, read_metadata
 
-    if not Path(path).is_file():
-        raise UsageError(f"engine file not found: {path}")
-    try:
-        meta = read_metadata(path)
-    except ImportError:
-        raise
-    except Exception as exc:  # onnx raises several types for a file that is not ONNX
-        raise UsageError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from exc
-    if meta.get("medir_fast.format") != FORMAT:
-        raise UsageError(f"{path} is not an engine written by medir-fast export (no medir-fast metadata)")
-    for key, value in meta.items():
-        print(f"{key.removeprefix('medir_fast.')}: {value}")
+    for key, value in read_metadata(path).items():
+        print(f"{key.removeprefix(PREFIX)}: {value}")
     return 0
 
 
@@ -226,7 +217,8 @@ def run_example(args: argparse.Namespace) -> int:
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("engine", nargs="?", help="an engine file (.onnx from medir-fast export): print its metadata")
+    p.add_argument("engine", nargs="?", help="an engine file from medir-fast export (.onnx, .pt2, .engine): print "
+                                             "what it was built from")
 
 
 def add_example_arguments(p: argparse.ArgumentParser) -> None:

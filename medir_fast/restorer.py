@@ -94,8 +94,9 @@ def blend_window(tile: int, overlap: int) -> torch.Tensor:
 class Restorer:
     """Restores 2-D slices and 3-D volumes with an AMIR model for one task.
 
-    backend: 'auto' (the fastest available, logged), 'eager' or 'triton'.
-    precision: 'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.
+    backend: 'auto' (the fastest available, logged), 'eager', 'triton', or one that runs an engine
+    file built from the model on first use and cached: 'onnxruntime', 'aoti', 'tensorrt'.
+    precision: 'auto' (bf16 on CUDA, fp32 on CPU; an engine file's own), 'fp32', 'bf16' or 'fp16'.
     tile: N cuts slices into N x N tiles (multiple of 8) overlapping by N/4 and cross-faded; 0
     runs whole slices; None (the default) runs what `medir-fast infer` runs for these weights:
     the tile shipped weights were validated at for the task (`model.default_tiles`, set by
@@ -104,8 +105,9 @@ class Restorer:
     fit in memory is retried in 256 x 256 tiles, with a warning; the next batch tries whole again.
     self_ensemble: average the network's output over the 8 flips and quarter turns of each
     slice (each undone before averaging): 8x the compute for a small, free gain in PSNR.
-    engine: an engine file to run (`medir-fast export --format onnx`), with the onnxruntime
-    backend; refused unless its metadata says it was built from this model's config and weights.
+    engine: an engine file to run (`medir-fast export`: .onnx, .pt2 or .engine), by the backend of
+    its format; refused unless its metadata says it was built from this model's config and
+    weights at this precision, for this device. Slices outside its shape profile are refused.
     """
 
     def __init__(
@@ -122,6 +124,10 @@ class Restorer:
     ):
         self.task = get_task(task) if isinstance(task, str) else task
         self.device = resolve_device(device)
+        if engine is not None and precision == "auto":  # the engine's own
+            from .export.metadata import read_metadata, settings
+
+            precision = settings(read_metadata(engine)).get("precision", "auto")
         self.dtype = resolve_precision(precision, self.device)
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")

@@ -209,8 +209,15 @@ def test_unexpected_failure_is_one_line_exit_1(tmp_path, capsys, ct_volume, monk
 
 @pytest.mark.parametrize("command, pattern", [
     (["export", "-o", "{tmp}/existing.pt2", "--weights", "{tiny}"], "exists; pass --overwrite"),
-    (["export", "-o", "{tmp}/missing/x.pt2", "--weights", "{tiny}"], "package folder does not exist"),
-    (["export", "-o", "{tmp}/x.onnx", "--weights", "{tiny}"], "package must end in .pt2"),
+    (["export", "-o", "{tmp}/missing/x.pt2", "--weights", "{tiny}"], "engine folder does not exist"),
+    (["export", "-o", "{tmp}/x.onnx", "--weights", "{tiny}", "--format", "aoti"], "engine must end in .pt2"),
+    (["export", "-o", "{tmp}/x.trt", "--weights", "{tiny}"], "cannot tell the engine format"),
+    (["export", "-o", "{tmp}/x.onnx", "--weights", "{tiny}", "--precision", "bf16"], "ONNX's Conv has no bfloat16"),
+    (["export", "-o", "{tmp}/x.onnx", "--weights", "{tiny}", "--min-shape", "1x20x16"], "multiples of 8"),
+    (["export", "-o", "{tmp}/x.onnx", "--weights", "{tiny}", "--opt-shape", "8x64x64", "--max-shape", "4x64x64"],
+     "min <= opt <= max"),
+    (["export", "-o", "{tmp}/x.onnx", "--weights", "{tiny}", "--max-shape", "4x64"], "BATCHxHEIGHTxWIDTH"),
+    (["export", "-o", "{tmp}/x.engine", "--weights", "{tiny}"], "cannot build a TensorRT engine here"),
     (["export", "-o", "{tmp}/x.pt2", "--weights", "{tmp}/none.pth"], "weights file not found"),
     (["eval", "{tmp}/nowhere", "--no-model", "--json", "{tmp}/existing.pt2"], "exists; pass --overwrite"),
     (["eval", "{tmp}/nowhere", "--no-model"], "data folder not found"),

@@ -19,13 +19,17 @@ from .conftest import GOLDEN_CASES, golden
 onnx = pytest.importorskip("onnx", reason="onnx is not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
+from medir_fast.export import FORMATS  # noqa: E402
+from medir_fast.export import cache  # noqa: E402
+from medir_fast.export.metadata import fits, read_metadata, weights_sha256  # noqa: E402
+from medir_fast.export.onnx import TENSORRT_OPS, export_onnx, unsupported_ops  # noqa: E402
+from medir_fast.export.profile import ShapeProfile  # noqa: E402
 from medir_fast.backends import onnxruntime as ort_backend  # noqa: E402
-from medir_fast.export.onnx import (TENSORRT_OPS, export_onnx, read_metadata, unsupported_ops,  # noqa: E402
-                                    weights_sha256)
 
 # ONNX Runtime and PyTorch run the same float32 graph with other kernels and summation orders.
 REL_L2, MAX_ABS = 1e-5, 1e-4  # normalised units
 SHAPES = [(1, 1, 40, 56), (3, 1, 24, 72)]  # batch 1 and 3, non-square, odd multiples of 8
+PROFILE = ShapeProfile((1, 16, 16), (2, 64, 64), (64, 512, 512))
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +43,17 @@ def engines(tmp_path_factory):
         if case == "tiny":
             weights = folder / "tiny.pth"
             torch.save(model.state_dict(), weights)
-            assert main(["export", "--format", "onnx", "--weights", str(weights), "-o", str(paths[case]),
-                         "--max-side", "512"]) == 0
+            assert main(["export", "--weights", str(weights), "-o", str(paths[case]), "--opt-shape", "2x64x64",
+                         "--max-shape", "64x512x512"]) == 0
         else:
-            export_onnx(model, paths[case], max_side=512)
-    paths["slim"] = export_onnx(load_model("slim"), folder / "slim.onnx", max_side=512)
+            export_onnx(model, paths[case], profile=PROFILE)
+    paths["slim"] = export_onnx(load_model("slim"), folder / "slim.onnx", profile=PROFILE)
     return paths
+
+
+def _cached_path(model):
+    """Where the onnxruntime backend caches the fp32 engine of `model`."""
+    return cache.engine_path(model, "onnx", "fp32", FORMATS["onnx"].profile, torch.device("cpu"))
 
 
 def _session(path):
@@ -99,14 +108,14 @@ def test_metadata_says_what_the_file_was_built_from(engines):
     assert meta["medir_fast.weights_sha256"] == weights_sha256(model)
     assert json.loads(meta["medir_fast.tiles"]) == {"ct_denoise": 80, "mri_sr": 128, "pet_synthesis": 64}
     assert json.loads(meta["medir_fast.tasks"])["ct_denoise"] == [-1024.0, 3071.0]
-    assert json.loads(meta["medir_fast.export"]) == {"max_batch": 64, "max_side": 512, "opset": 18, "precision": "fp32"}
+    assert json.loads(meta["medir_fast.export"]) == {"format": "onnx", "opset": 18, "precision": "fp32",
+                                                     "profile": PROFILE.as_dict()}
 
 
 def test_backend_runs_the_cached_engine_and_matches_eager(engines, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDIR_FAST_CACHE", str(tmp_path))
     model = load_model("slim")
-    settings = dict(precision="fp32", max_batch=ort_backend.MAX_BATCH, max_side=ort_backend.MAX_SIDE)
-    cached = ort_backend.engine_folder() / f"amir-{ort_backend.engine_key(model, settings)}.onnx"
+    cached = _cached_path(model)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(engines["slim"].read_bytes())  # as if a first run had exported it
     monkeypatch.setattr("medir_fast.export.onnx.export_onnx", lambda *a, **k: pytest.fail("exported again"))
@@ -119,16 +128,18 @@ def test_backend_runs_the_cached_engine_and_matches_eager(engines, tmp_path, mon
 
 def test_an_engine_that_does_not_fit_is_refused(engines):
     tiny, _ = golden("tiny")
-    assert ort_backend.fits(engines["tiny"], tiny) is None
-    assert ort_backend.fits(engines["biased"], tiny) == "built for another AMIR config"
+    assert fits(read_metadata(engines["tiny"]), tiny, "onnx") is None
+    assert fits(read_metadata(engines["biased"]), tiny, "onnx") == "built for another AMIR config"
+    assert fits(read_metadata(engines["tiny"]), tiny, "onnx", "fp16") == "built for fp32, not fp16"
+    assert fits(read_metadata(engines["tiny"]), tiny, "aoti") == "a medir-fast onnx 1 file, not a medir-fast aoti engine"
     other = golden("tiny")[0]
     with torch.no_grad():
         other.output.weight.add_(1e-3)
-    assert ort_backend.fits(engines["tiny"], other) == "built from other weights"
+    assert fits(read_metadata(engines["tiny"]), other, "onnx") == "built from other weights"
 
 
 def test_unavailable_reasons_are_plain():
-    assert "float32" in ort_backend.unavailable_reason(torch.device("cpu"), torch.bfloat16)
+    assert "bfloat16" in ort_backend.unavailable_reason(torch.device("cpu"), torch.bfloat16)
     assert ort_backend.unavailable_reason(torch.device("cpu"), torch.float32) is None
 
 
@@ -145,7 +156,7 @@ def test_infer_runs_a_given_engine_and_refuses_one_that_does_not_fit(engines, tm
                                rtol=0, atol=1e-4 * 4095)
     capsys.readouterr()
     for engine, extra, message in [(engines["biased"], [], "built for another AMIR config"),
-                                   (truncated, [], "unreadable"),
+                                   (truncated, [], "damaged or not a .onnx engine"),
                                    (tmp_path / "none.onnx", [], "not found"),
                                    (engines["tiny"], ["--backend", "eager"], "runs with the onnxruntime backend")]:
         before = sorted(p.name for p in tmp_path.iterdir())
@@ -158,7 +169,7 @@ def test_infer_runs_a_given_engine_and_refuses_one_that_does_not_fit(engines, tm
 def test_info_prints_what_an_engine_was_built_from(engines, capsys):
     assert main(["info", str(engines["slim"])]) == 0
     out = capsys.readouterr().out
-    assert "weights_sha256: " in out and '"max_side": 512' in out and "format: medir-fast onnx 1" in out
+    assert "weights_sha256: " in out and '"max": [64, 512, 512]' in out and "format: medir-fast onnx 1" in out
 
 
 def test_many_tiles_run_in_chunks_of_the_engines_largest_batch(engines):
@@ -174,8 +185,7 @@ def test_many_tiles_run_in_chunks_of_the_engines_largest_batch(engines):
 def test_a_stale_cached_engine_is_rebuilt_never_run(engines, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MEDIR_FAST_CACHE", str(tmp_path))
     tiny, _ = golden("tiny")
-    settings = dict(precision="fp32", max_batch=ort_backend.MAX_BATCH, max_side=ort_backend.MAX_SIDE)
-    cached = ort_backend.engine_folder() / f"amir-{ort_backend.engine_key(tiny, settings)}.onnx"
+    cached = _cached_path(tiny)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(engines["biased"].read_bytes())  # another model's engine under this key
     built = []
@@ -183,7 +193,7 @@ def test_a_stale_cached_engine_is_rebuilt_never_run(engines, tmp_path, monkeypat
                         lambda model, path, **k: built.append(path) or path.write_bytes(engines["tiny"].read_bytes()))
     assert Restorer(tiny, "ct_denoise", backend="onnxruntime").backend.engine == cached
     assert len(built) == 1 and "building it again" in caplog.text
-    assert ort_backend.fits(cached, tiny) is None
+    assert fits(read_metadata(cached), tiny, "onnx") is None
 
 
 @pytest.mark.parametrize("content", [b"not onnx at all", None], ids=["not onnx", "onnx without our metadata"])
@@ -195,7 +205,7 @@ def test_info_on_a_file_that_is_not_our_engine_is_one_line(tmp_path, capsys, con
         path.write_bytes(content)
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and ("not a readable ONNX file" in err[0] or "no medir-fast metadata" in err[0])
+    assert len(err) == 1 and ("damaged or not a .onnx engine" in err[0] or "no medir-fast metadata" in err[0])
 
 
 def test_auto_picks_onnxruntime_on_the_cpu_and_says_so(caplog):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -33,7 +34,10 @@ class BackendUnavailable(RuntimeError):
 # name -> module; each module has `unavailable_reason(device, dtype) -> str | None` and `make(model, device, dtype)`,
 # and may have `model_reason(model) -> str | None` (a model it cannot run).
 BACKENDS = {"eager": "medir_fast.backends.eager", "triton": "medir_fast.backends.triton",
-            "onnxruntime": "medir_fast.backends.onnxruntime"}
+            "onnxruntime": "medir_fast.backends.onnxruntime", "aoti": "medir_fast.backends.aoti",
+            "tensorrt": "medir_fast.backends.tensorrt"}
+# an engine file's format (medir_fast.export.FORMATS) -> the backend that runs it
+ENGINE_BACKENDS = {"onnx": "onnxruntime", "aoti": "aoti", "tensorrt": "tensorrt"}
 # 'auto' tries these in order (Triton's CPU interpreter is for tests, not use). On the CPU ONNX Runtime
 # runs the shipped model 2.1x faster than eager (benchmarks/RESULTS.md); its engine is exported on
 # a model's first use (about half a minute) and cached.
@@ -64,11 +68,17 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, mode
 def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                  engine=None) -> Backend:
     """Build backend `name` ('auto' picks the first available of AUTO_ORDER for the device).
-    engine: an engine file to run (ONNX, for 'onnxruntime'), checked against the model."""
+    engine: an engine file to run (.onnx, .pt2, .engine), by the backend of its format, checked
+    against the model."""
     if engine is not None:
-        if name not in ("auto", "onnxruntime"):
-            raise BackendUnavailable(f"an engine file runs with the onnxruntime backend, not {name!r}")
-        name = "onnxruntime"
+        from ..export import SUFFIXES
+
+        runs = ENGINE_BACKENDS.get(SUFFIXES.get(Path(engine).suffix, ""))
+        if runs is None:
+            raise BackendUnavailable(f"{engine}: an engine file ends in {', '.join(SUFFIXES)}")
+        if name not in ("auto", runs):
+            raise BackendUnavailable(f"{Path(engine).name} runs with the {runs} backend, not {name!r}")
+        name = runs
     if name == "auto":
         for name in AUTO_ORDER[device.type]:
             reason = unavailable_reason(name, device, dtype, model)
@@ -81,3 +91,57 @@ def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype:
     if engine is not None:
         return _module(name).make(model, device, dtype, engine=engine)
     return _module(name).make(model, device, dtype)
+
+
+def amir_only(model: torch.nn.Module) -> str | None:
+    """Engines are built for AMIR models (their config goes into the engine's metadata)."""
+    return None if isinstance(getattr(model, "config", None), dict) else "it runs AMIR models only"
+
+
+class EngineBackend:
+    """A backend that runs an engine file (`medir_fast.export`): the one given, after checking
+    that its metadata fits the model and precision, or the model's own, built on first use and
+    cached. Batches run within the engine's shape profile: larger batches in chunks, slices
+    outside it refused (EngineError), never a crash inside the engine."""
+
+    name: str
+    format: str  # of medir_fast.export.FORMATS
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, engine=None):
+        from ..export import FORMATS
+        from ..export.cache import cached_engine
+        from ..export.metadata import EngineError, fits, read_metadata, settings
+        from ..export.profile import ShapeProfile
+        from ..restorer import PRECISIONS
+
+        self.device, self.dtype = device, dtype
+        precision = next(name for name, d in PRECISIONS.items() if d == dtype)
+        path = Path(engine) if engine is not None else cached_engine(
+            model, self.format, precision, FORMATS[self.format].profile, device)
+        meta = read_metadata(path)
+        reason = fits(meta, model, self.format, precision) or self.device_reason(settings(meta))
+        if reason is not None:
+            raise EngineError(f"engine {path} cannot run this model: {reason}")
+        self.engine = path
+        self.profile = ShapeProfile.from_dict(settings(meta)["profile"])
+        self.load(path)
+
+    def device_reason(self, settings: dict) -> str | None:
+        """Why the engine cannot run on this backend's device (None: it can)."""
+        return None
+
+    def load(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def run_chunk(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        from ..export.metadata import EngineError
+
+        reason = self.profile.reason(len(batch), *batch.shape[-2:])
+        if reason is not None:
+            raise EngineError(f"{reason}; run in tiles that fit (--tile), or export an engine with a wider profile")
+        batch = batch.detach().to(torch.float32)
+        parts = [self.run_chunk(batch[part].contiguous()) for part in self.profile.chunks(len(batch))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -18,6 +18,7 @@ Differences from the official code, all at inference and none in the function co
 
 from __future__ import annotations
 
+import copy
 
 import torch
 import torch.nn as nn
@@ -297,6 +298,28 @@ class ChannelRouting(nn.Module):
 
 
 # --------------------------------------------------------------------------- the network
+
+
+# Top-level modules that stay float32 when the rest of the network runs in fp16 or bf16: the
+# islands of the module docstring (prompt network, first and last convolutions, spatial routing).
+FLOAT32_ISLANDS = ("dict_generator", "patch_embed", "spatial_routing_", "output")
+
+
+def cast_backbone(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of the AMIR `model` whose backbone holds and computes in `dtype`, the float32
+    islands left float32; each backbone module casts its floating inputs to `dtype`. Input and
+    output stay float32. Reduced-precision engines are exported from this: autocast's islands
+    do not survive `torch.export` into ONNX, explicit casts do."""
+    model = copy.deepcopy(model)
+
+    def cast_inputs(module, args):
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for name, child in model.named_children():
+        if not name.startswith(FLOAT32_ISLANDS):
+            child.to(dtype)
+            child.register_forward_pre_hook(cast_inputs)
+    return model
 
 
 class AMIR(nn.Module):

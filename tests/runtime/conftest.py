@@ -64,7 +64,7 @@ def aoti_package(tmp_path_factory, tiny_weights) -> Path:
 
     path = tmp_path_factory.mktemp("aoti") / "tiny.pt2"
     start = time.perf_counter()
-    assert main(["export", "--weights", str(tiny_weights), "-o", str(path), "--max-batch", "16", "--max-side", "256"]) == 0
+    assert main(["export", "--weights", str(tiny_weights), "-o", str(path), "--max-shape", "16x256x256"]) == 0
     print(f"\nAOTInductor export of the tiny AMIR: {time.perf_counter() - start:.0f} s")
     return path
 
