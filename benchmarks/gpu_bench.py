@@ -1,9 +1,11 @@
 """Whole-model timing on one GPU: eager fp32, eager autocast bf16, torch.compile (autocast
-bf16) and the `triton` backend (bf16, fp16), default AMIR configuration, random weights,
+bf16), the `triton` backend (bf16, fp16) and the engine backends (`aoti` fp32/bf16,
+`onnxruntime` fp32/fp16 with the CUDA provider, `tensorrt` fp16; each where it can run here,
+else the reason is printed), default AMIR configuration, random weights,
 at 1 x 512x512 and 8 x 256x256. Prints a table and writes JSON (after every row, so an
 interrupted run keeps what it measured).
 
-    python benchmarks/gpu_bench.py --json $OUT/bench.json [--modes eager,compile,triton] [--repeats 20]
+    python benchmarks/gpu_bench.py --json $OUT/bench.json [--modes eager,compile,triton,engines] [--repeats 20]
 
 The relative L2 error column is against the eager fp32 output of the same run (eager fp32 is
 always run first for that reason).
@@ -20,7 +22,7 @@ import time
 
 import torch
 
-from medir_fast.backends import make_backend
+from medir_fast.backends import make_backend, unavailable_reason
 from medir_fast.model.amir import AMIR
 
 SHAPES = [(1, 512, 512), (8, 256, 256)]
@@ -68,7 +70,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--modes", default="eager,compile,triton",
-                        help="comma-separated subset of eager, compile, triton (compile takes minutes per shape)")
+                        help="comma-separated subset of eager, compile, triton, engines (compile takes minutes per "
+                             "shape; an engine is built once per backend and precision, minutes for aoti)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device; nothing measured")
@@ -92,6 +95,16 @@ def main() -> int:
         for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
             modes.append((f"triton {label} (CUDA graph)",
                           lambda dtype=dtype: make_backend("triton", model, device, dtype).run))
+    if "engines" in wanted:
+        for backend, dtype, label in (("aoti", torch.float32, "fp32"), ("aoti", torch.bfloat16, "bf16"),
+                                      ("onnxruntime", torch.float32, "fp32"), ("onnxruntime", torch.float16, "fp16"),
+                                      ("tensorrt", torch.float16, "fp16")):
+            reason = unavailable_reason(backend, device, dtype, model)
+            if reason is not None:
+                print(f"{backend} {label}: not run: {reason}")
+                continue
+            modes.append((f"{backend} {label}",
+                          lambda backend=backend, dtype=dtype: make_backend(backend, model, device, dtype).run))
 
     print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}")
     print(f"{'mode':<30} {'shape':<12} {'ms/batch':>9} {'ms/slice':>9} {'slices/s':>9} "
@@ -109,7 +122,7 @@ def main() -> int:
             ms, out = timed(fn, x, args.warmup, args.repeats)
             if reference is None:
                 reference = out.float()
-            rel = ((out.float() - reference).norm() / reference.norm()).item()
+            rel = ((out.float().to(device) - reference).norm() / reference.norm()).item()  # onnxruntime: on the host
             row = dict(mode=name, batch=b, height=h, width=w, ms_per_batch=ms, ms_per_slice=ms / b,
                        slices_per_s=1000.0 * b / ms, rel_l2_vs_fp32=rel,
                        peak_mib=torch.cuda.max_memory_allocated() / 2**20, first_call_s=first)

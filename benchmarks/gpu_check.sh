@@ -6,7 +6,7 @@
 #  3. per-kernel timings, then the whole-model table (eager fp32, autocast bf16, torch.compile,
 #     triton backend) at 1x512x512 and 8x256x256.
 # Logs and JSON go to $OUT (default benchmarks/out).
-# Usage: bash benchmarks/gpu_check.sh [gpu_bench.py options, e.g. --modes eager,triton]
+# Usage: bash benchmarks/gpu_check.sh [gpu_bench.py options, e.g. --modes eager,triton,engines]
 # Without torch.compile it takes about 5 minutes on an H100 (estimate); compile adds ~2.5 min per shape.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -106,7 +106,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                         "format, after checking it was built from these weights")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on CUDA, fp32 on CPU")
+                   help="auto: bf16 on CUDA, fp32 on CPU; with --engine, the engine's own")
     p.add_argument("--batch-size", type=int, default=4, help="slices per network call")
     p.add_argument("--tile", type=int, default=None,
                    help="cut slices into NxN overlapping tiles (multiple of 8); 0: whole slices; default: the tile the "

@@ -52,6 +52,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> 'fp16' (the names of PRECISIONS)."""
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """'auto' -> bf16 on CUDA, fp32 on the CPU."""
     if precision == "auto":
@@ -127,7 +132,7 @@ class Restorer:
         if engine is not None and precision == "auto":  # the engine's own
             from .export.metadata import read_metadata, settings
 
-            precision = settings(read_metadata(engine)).get("precision", "auto")
+            precision = settings(read_metadata(engine))["precision"]
         self.dtype = resolve_precision(precision, self.device)
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")

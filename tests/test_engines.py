@@ -36,9 +36,8 @@ def test_shape_profile_bounds_and_chunks():
                                  ((1, 16, 16), (8, 64, 64), (4, 64, 64), "min <= opt <= max")]:
         with pytest.raises(ValueError, match=message):
             ShapeProfile(lo, mid, hi)
-    assert SMALL.reason(4, 128, 16) is None and SMALL.reason(9, 64, 64) is None  # a larger batch runs in chunks
-    assert "outside the engine's profile" in SMALL.reason(1, 136, 64)
-    assert "below the engine's smallest" in ShapeProfile((2, 16, 16), (2, 16, 16), (4, 16, 16)).reason(1, 16, 16)
+    assert SMALL.reason(128, 16) is None and SMALL.reason(64, 64) is None
+    assert "outside the engine's profile" in SMALL.reason(136, 64)
     assert SMALL.chunks(9) == [slice(0, 4), slice(4, 8), slice(8, 12)]
     assert ShapeProfile.from_dict(json.loads(json.dumps(SMALL.as_dict()))) == SMALL
 
@@ -63,7 +62,7 @@ def test_tensorrt_container_round_trips_and_refuses_damage(tmp_path):
     write_container(path, meta, plan)
     got, body = read_container(path)
     assert body == plan and {k: got[k] for k in meta} == meta
-    assert read_metadata(path)["medir_fast.format"] == "medir-fast tensorrt 1"
+    assert read_metadata(path)["medir_fast.format"] == "medir-fast tensorrt 2"
     data = path.read_bytes()
     for name, content, message in [("cut.engine", data[:-10], "does not match the header's sha256"),
                                    ("flip.engine", data[:-5] + bytes([data[-5] ^ 1]) + data[-4:], "sha256"),
@@ -97,7 +96,8 @@ def test_tensorrt_says_in_one_line_why_it_cannot_run_here(tmp_path, capsys, ct_v
     base = ["infer", str(ct_volume), "--task", "ct_denoise", "--weights", str(DATA / "tiny_state_dict.pth"),
             "-o", str(tmp_path / "out.nii.gz")]
     engine = tmp_path / "x.engine"
-    write_container(engine, {"medir_fast.format": "medir-fast tensorrt 1", "medir_fast.export": "{}"}, b"plan")
+    write_container(engine, {"medir_fast.format": "medir-fast tensorrt 2",
+                             "medir_fast.export": json.dumps({"precision": "fp32", "profile": SMALL.as_dict()})}, b"plan")
     for extra in (["--backend", "tensorrt"], ["--engine", str(engine)]):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -174,3 +174,41 @@ def test_default_profiles_are_what_the_help_says():
     assert FORMATS["onnx"].profile == DEFAULT_PROFILE
     assert FORMATS["tensorrt"].profile.max == (16, 1024, 1024)
     assert FORMATS["aoti"].precisions == ("fp32", "fp16", "bf16") and "bf16" not in FORMATS["onnx"].precisions
+
+
+class _Recorder:
+    """An EngineBackend's batching without an engine: records the batches it is given."""
+
+    def __init__(self, profile):
+        from medir_fast.backends import EngineBackend
+
+        self.backend = EngineBackend.__new__(EngineBackend)
+        self.backend.profile = profile
+        self.seen = []
+        self.backend.run_chunk = lambda batch: self.seen.append(len(batch)) or batch * 2
+
+
+def test_batches_run_in_chunks_within_the_profile_padded_up_to_its_smallest():
+    recorder = _Recorder(ShapeProfile((3, 16, 16), (4, 64, 64), (4, 64, 64)))
+    x = torch.rand(10, 1, 32, 24)
+    torch.testing.assert_close(recorder.backend.run(x), x * 2)
+    assert recorder.seen == [4, 4, 3]  # 4 + 4 + 2 padded to the smallest batch, 3
+    recorder.seen.clear()
+    torch.testing.assert_close(recorder.backend.run(x[:1]), x[:1] * 2)
+    assert recorder.seen == [3]
+    with pytest.raises(EngineError, match="outside the engine's profile"):
+        recorder.backend.run(torch.rand(1, 1, 72, 24))
+
+
+def test_an_engine_from_an_older_medir_fast_is_refused_in_one_line(tmp_path, capsys):
+    tiny, _ = golden("tiny")
+    old = tmp_path / "old.engine"
+    meta = describe(tiny, "tensorrt", dict(precision="fp32", profile=SMALL.as_dict()))
+    write_container(old, {**meta, "medir_fast.format": "medir-fast tensorrt 1"}, b"plan")
+    from medir_fast.export.metadata import fits
+
+    assert "another medir-fast version" in fits(read_metadata(old), tiny, "tensorrt")
+    older = tmp_path / "older.engine"  # settings of the first release: no shape profile
+    write_container(older, {**meta, "medir_fast.export": json.dumps({"precision": "fp32", "max_side": 512})}, b"plan")
+    with pytest.raises(EngineError, match="older medir-fast"):
+        read_metadata(older)

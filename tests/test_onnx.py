@@ -131,7 +131,7 @@ def test_an_engine_that_does_not_fit_is_refused(engines):
     assert fits(read_metadata(engines["tiny"]), tiny, "onnx") is None
     assert fits(read_metadata(engines["biased"]), tiny, "onnx") == "built for another AMIR config"
     assert fits(read_metadata(engines["tiny"]), tiny, "onnx", "fp16") == "built for fp32, not fp16"
-    assert fits(read_metadata(engines["tiny"]), tiny, "aoti") == "a medir-fast onnx 1 file, not a medir-fast aoti engine"
+    assert fits(read_metadata(engines["tiny"]), tiny, "aoti") == "a medir-fast onnx 2 file, not a medir-fast aoti engine"
     other = golden("tiny")[0]
     with torch.no_grad():
         other.output.weight.add_(1e-3)
@@ -169,7 +169,7 @@ def test_infer_runs_a_given_engine_and_refuses_one_that_does_not_fit(engines, tm
 def test_info_prints_what_an_engine_was_built_from(engines, capsys):
     assert main(["info", str(engines["slim"])]) == 0
     out = capsys.readouterr().out
-    assert "weights_sha256: " in out and '"max": [64, 512, 512]' in out and "format: medir-fast onnx 1" in out
+    assert "weights_sha256: " in out and '"max": [64, 512, 512]' in out and "format: medir-fast onnx 2" in out
 
 
 def test_many_tiles_run_in_chunks_of_the_engines_largest_batch(engines):

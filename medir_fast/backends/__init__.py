@@ -31,13 +31,11 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says why."""
 
 
-# name -> module; each module has `unavailable_reason(device, dtype) -> str | None` and `make(model, device, dtype)`,
-# and may have `model_reason(model) -> str | None` (a model it cannot run).
+# name -> module; each module has `unavailable_reason(device, dtype) -> str | None` and
+# `make(model, device, dtype[, engine])`, and may have `model_reason(model) -> str | None` (a model it cannot run).
 BACKENDS = {"eager": "medir_fast.backends.eager", "triton": "medir_fast.backends.triton",
             "onnxruntime": "medir_fast.backends.onnxruntime", "aoti": "medir_fast.backends.aoti",
             "tensorrt": "medir_fast.backends.tensorrt"}
-# an engine file's format (medir_fast.export.FORMATS) -> the backend that runs it
-ENGINE_BACKENDS = {"onnx": "onnxruntime", "aoti": "aoti", "tensorrt": "tensorrt"}
 # 'auto' tries these in order (Triton's CPU interpreter is for tests, not use). On the CPU ONNX Runtime
 # runs the shipped model 2.1x faster than eager (benchmarks/RESULTS.md); its engine is exported on
 # a model's first use (about half a minute) and cached.
@@ -71,11 +69,11 @@ def make_backend(name: str, model: torch.nn.Module, device: torch.device, dtype:
     engine: an engine file to run (.onnx, .pt2, .engine), by the backend of its format, checked
     against the model."""
     if engine is not None:
-        from ..export import SUFFIXES
+        from ..export import FORMATS, SUFFIXES
 
-        runs = ENGINE_BACKENDS.get(SUFFIXES.get(Path(engine).suffix, ""))
-        if runs is None:
+        if Path(engine).suffix not in SUFFIXES:
             raise BackendUnavailable(f"{engine}: an engine file ends in {', '.join(SUFFIXES)}")
+        runs = FORMATS[SUFFIXES[Path(engine).suffix]].backend
         if name not in ("auto", runs):
             raise BackendUnavailable(f"{Path(engine).name} runs with the {runs} backend, not {name!r}")
         name = runs
@@ -100,9 +98,10 @@ def amir_only(model: torch.nn.Module) -> str | None:
 
 class EngineBackend:
     """A backend that runs an engine file (`medir_fast.export`): the one given, after checking
-    that its metadata fits the model and precision, or the model's own, built on first use and
-    cached. Batches run within the engine's shape profile: larger batches in chunks, slices
-    outside it refused (EngineError), never a crash inside the engine."""
+    that its metadata fits the model, the precision and the device, or the model's own, built on
+    first use and cached. Batches run within the engine's shape profile: in chunks of at most its
+    largest batch, each padded up to its smallest; slices outside it are refused (EngineError),
+    never a crash inside the engine."""
 
     name: str
     format: str  # of medir_fast.export.FORMATS
@@ -110,24 +109,33 @@ class EngineBackend:
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, engine=None):
         from ..export import FORMATS
         from ..export.cache import cached_engine
-        from ..export.metadata import EngineError, fits, read_metadata, settings
+        from ..export.metadata import EngineError, device_reason, fits, read_metadata, settings
         from ..export.profile import ShapeProfile
-        from ..restorer import PRECISIONS
+        from ..restorer import precision_name
 
         self.device, self.dtype = device, dtype
-        precision = next(name for name, d in PRECISIONS.items() if d == dtype)
+        precision = precision_name(dtype)
+        if engine is None:
+            reason = self.build_reason()
+            if reason is not None:
+                raise BackendUnavailable(f"backend {self.name!r} cannot build an engine here: {reason}")
         path = Path(engine) if engine is not None else cached_engine(
             model, self.format, precision, FORMATS[self.format].profile, device)
         meta = read_metadata(path)
-        reason = fits(meta, model, self.format, precision) or self.device_reason(settings(meta))
+        reason = fits(meta, model, self.format, precision) or device_reason(meta, device) or self.runtime_reason(meta)
         if reason is not None:
             raise EngineError(f"engine {path} cannot run this model: {reason}")
         self.engine = path
         self.profile = ShapeProfile.from_dict(settings(meta)["profile"])
         self.load(path)
 
-    def device_reason(self, settings: dict) -> str | None:
-        """Why the engine cannot run on this backend's device (None: it can)."""
+    def build_reason(self) -> str | None:
+        """Why this backend cannot build an engine here (None: it can); running a given one may
+        still work."""
+        return None
+
+    def runtime_reason(self, meta: dict[str, str]) -> str | None:
+        """Why the engine cannot run with the runtime installed here (None: it can)."""
         return None
 
     def load(self, path: Path) -> None:
@@ -139,9 +147,16 @@ class EngineBackend:
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         from ..export.metadata import EngineError
 
-        reason = self.profile.reason(len(batch), *batch.shape[-2:])
+        reason = self.profile.reason(*batch.shape[-2:])
         if reason is not None:
             raise EngineError(f"{reason}; run in tiles that fit (--tile), or export an engine with a wider profile")
         batch = batch.detach().to(torch.float32)
-        parts = [self.run_chunk(batch[part].contiguous()) for part in self.profile.chunks(len(batch))]
+        smallest = self.profile.min[0]
+        parts = []
+        for part in self.profile.chunks(len(batch)):
+            chunk = batch[part]
+            short = smallest - len(chunk)
+            if short > 0:  # repeat the last slice up to the engine's smallest batch; drop those outputs
+                chunk = torch.cat([chunk, chunk[-1:].expand(short, *chunk.shape[1:])])
+            parts.append(self.run_chunk(chunk.contiguous())[:len(batch[part])])
         return parts[0] if len(parts) == 1 else torch.cat(parts)

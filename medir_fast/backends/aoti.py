@@ -19,8 +19,6 @@ model_reason = amir_only
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:
-        return "AOTInductor compiles C++ for the CPU and no C++ compiler (c++ or $CXX) is installed"
     if device.type not in ("cpu", "cuda"):
         return f"AOTInductor packages run on the CPU or CUDA devices, not {device.type}"
     return None
@@ -30,23 +28,18 @@ class AotiBackend(EngineBackend):
     name = "aoti"
     format = "aoti"
 
-    def device_reason(self, settings: dict) -> str | None:
-        from ..export.aoti import device_of
-
-        built, here = settings.get("device", {}), device_of(self.device)
-        return None if built == here else f"compiled for {_describe(built)}, not {_describe(here)}"
+    def build_reason(self) -> str | None:
+        if self.device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:
+            return "AOTInductor compiles C++ for the CPU and no C++ compiler (c++ or $CXX) is installed"
+        return None
 
     def load(self, path: Path) -> None:
-        self.package = torch._inductor.aoti_load_package(str(path), device_index=-1 if self.device.index is None else self.device.index)
+        self.package = torch._inductor.aoti_load_package(
+            str(path), device_index=-1 if self.device.index is None else self.device.index)
 
     def run_chunk(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.package(batch.to(self.device))
-
-
-def _describe(device: dict) -> str:
-    cc = device.get("compute_capability")
-    return f"{device.get('type', 'an unknown device')}" + (f" (compute capability {cc})" if cc else "")
 
 
 def make(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, engine=None) -> AotiBackend:

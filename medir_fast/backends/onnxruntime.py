@@ -22,8 +22,12 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         import onnxscript  # noqa: F401  (what PyTorch's exporter translates with)
     except ImportError as exc:
         return f"{exc.name} is not installed (pip install onnx onnxscript onnxruntime)"
-    if dtype == torch.bfloat16:
-        return "ONNX engines are fp32 or fp16 (ONNX's Conv has no bfloat16 type)"
+    from ..export import precision_reason
+    from ..restorer import precision_name
+
+    reason = precision_reason("onnx", precision_name(dtype))
+    if reason is not None:
+        return reason
     if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         return "this onnxruntime has no CUDA provider (pip install 'medir-fast[gpu]')"
     if device.type not in ("cpu", "cuda"):

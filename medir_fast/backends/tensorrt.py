@@ -18,28 +18,25 @@ model_reason = amir_only
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    from ..export import precision_reason
     from ..export.tensorrt import unavailable_reason as reason
+    from ..restorer import precision_name
 
-    if dtype == torch.bfloat16:
-        return "TensorRT engines are fp32 or fp16 (ONNX's Conv has no bfloat16 type)"
-    return reason(device)
+    return precision_reason("tensorrt", precision_name(dtype)) or reason(device)
 
 
 class TensorRTBackend(EngineBackend):
     name = "tensorrt"
     format = "tensorrt"
 
-    def device_reason(self, settings: dict) -> str | None:
+    def runtime_reason(self, meta: dict[str, str]) -> str | None:
+        """A plan runs only with the TensorRT version that built it."""
         import tensorrt
 
-        from ..export.tensorrt import gpu_of
+        from ..export.metadata import settings
 
-        if settings.get("tensorrt") != tensorrt.__version__:
-            return f"built with TensorRT {settings.get('tensorrt')}, this is {tensorrt.__version__}"
-        built, here = settings.get("gpu", {}), gpu_of(self.device)
-        if built.get("compute_capability") != here["compute_capability"]:
-            return f"built for a {built.get('name')}, this is a {here['name']}"
-        return None
+        built = settings(meta).get("tensorrt")
+        return None if built == tensorrt.__version__ else f"built with TensorRT {built}, this is {tensorrt.__version__}"
 
     def load(self, path: Path) -> None:
         import tensorrt as trt
@@ -51,20 +48,22 @@ class TensorRTBackend(EngineBackend):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         with torch.cuda.device(self.device):
-            self.plan = self.runtime.deserialize_cuda_engine(plan)
-        if self.plan is None:
-            raise EngineError(f"TensorRT could not load {path} (its log above says why)")
-        self.context = self.plan.create_execution_context()
+            self.cuda_engine = self.runtime.deserialize_cuda_engine(plan)
+            if self.cuda_engine is None:
+                raise EngineError(f"TensorRT could not load {path} (its log above says why)")
+            self.context = self.cuda_engine.create_execution_context()
 
     def run_chunk(self, batch: torch.Tensor) -> torch.Tensor:
-        image = batch.to(self.device).contiguous()
-        restored = torch.empty_like(image)
-        self.context.set_input_shape("image", tuple(image.shape))
-        self.context.set_tensor_address("image", image.data_ptr())
-        self.context.set_tensor_address("restored", restored.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT failed to run the engine (its log above says why)")
+        with torch.cuda.device(self.device):
+            image = batch.to(self.device).contiguous()
+            if not self.context.set_input_shape("image", tuple(image.shape)):
+                raise RuntimeError(f"TensorRT refused the input shape {tuple(image.shape)}")
+            restored = torch.empty(tuple(self.context.get_tensor_shape("restored")), device=self.device)
+            self.context.set_tensor_address("image", image.data_ptr())
+            self.context.set_tensor_address("restored", restored.data_ptr())
+            stream = torch.cuda.current_stream(self.device)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT failed to run the engine (its log above says why)")
         return restored
 
 

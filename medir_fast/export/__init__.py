@@ -24,18 +24,28 @@ class Format:
     what: str
     precisions: tuple[str, ...]
     profile: ShapeProfile  # the default
+    device: str  # the default device it is compiled for
     builder: str  # module:function, imported when used
+    backend: str  # the backend that runs it
 
 
 FORMATS = {
     "onnx": Format(".onnx", "ONNX file for ONNX Runtime and TensorRT's parser, opset 18", ("fp32", "fp16"),
-                   DEFAULT_PROFILE, "medir_fast.export.onnx:export_onnx"),
+                   DEFAULT_PROFILE, "cpu", "medir_fast.export.onnx:export_onnx", "onnxruntime"),
     "aoti": Format(".pt2", "AOTInductor package for the aoti backend and the C++ runtime", ("fp32", "fp16", "bf16"),
-                   DEFAULT_PROFILE, "medir_fast.export.aoti:export_aoti"),
+                   DEFAULT_PROFILE, "cpu", "medir_fast.export.aoti:export_aoti", "aoti"),
     "tensorrt": Format(".engine", "TensorRT engine for the tensorrt backend (NVIDIA GPUs)", ("fp32", "fp16"),
-                       TENSORRT_PROFILE, "medir_fast.export.tensorrt:export_tensorrt"),
+                       TENSORRT_PROFILE, "cuda", "medir_fast.export.tensorrt:export_tensorrt", "tensorrt"),
 }
 SUFFIXES = {f.suffix: name for name, f in FORMATS.items()}
+
+
+def precision_reason(format: str, precision: str) -> str | None:
+    """Why `format` engines cannot be built in `precision` (None: they can)."""
+    if precision in FORMATS[format].precisions:
+        return None
+    return (f"{format} engines are built in {', '.join(FORMATS[format].precisions)}, not {precision}"
+            + (" (ONNX's Conv has no bfloat16 type; bf16 engines: --format aoti)" if precision == "bf16" else ""))
 
 
 def export(model: torch.nn.Module, path: str | Path, format: str, *, precision: str = "fp32",
@@ -58,9 +68,9 @@ def check_settings(format: str, precision: str) -> None:
     """A format and precision that can be built together (ValueError otherwise)."""
     if format not in FORMATS:
         raise ValueError(f"unknown engine format {format!r}; use {', '.join(FORMATS)}")
-    if precision not in FORMATS[format].precisions:
-        raise ValueError(f"{format} engines are built in {', '.join(FORMATS[format].precisions)}, not {precision!r}"
-                         + (" (ONNX's Conv has no bfloat16 type; bf16 engines: --format aoti)" if precision == "bf16" else ""))
+    reason = precision_reason(format, precision)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}-shape", metavar="BxHxW", type=_shape, default=None,
                             help=f"the {name} batch x height x width the engine takes (default: {defaults}"
                                  + ("; kept between the min and max given)" if name == "opt" else ")"))
-    parser.add_argument("--device", default="cpu", help="aoti, tensorrt: the device it is compiled for: cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=None, help="aoti, tensorrt: the device it is compiled for: cpu, cuda or cuda:N "
+                                                       "(default: cpu for aoti, cuda for tensorrt)")
 
 
 def _shape(text: str):
@@ -103,7 +114,14 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = args.min_shape or spec.profile.min, args.max_shape or spec.profile.max
     opt = args.opt_shape or tuple(min(max(v, a), b) for v, a, b in zip(spec.profile.opt, lo, hi))
     profile = ShapeProfile(lo, opt, hi)
-    device = resolve_device(args.device)
+    if fmt == "tensorrt":  # before the device: that TensorRT is missing is the first thing to fix
+        from ..backends import BackendUnavailable
+        from .tensorrt import unavailable_reason
+
+        reason = unavailable_reason(torch.device("cuda"))
+        if reason is not None and "not installed" in reason:
+            raise BackendUnavailable(f"cannot build a TensorRT engine here: {reason}")
+    device = resolve_device(args.device or spec.device)
     with Outputs(overwrite=args.overwrite) as outputs:
         target = outputs.add(args.output, "engine", (spec.suffix,))
         model = load_model(args.weights)

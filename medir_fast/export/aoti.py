@@ -15,16 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .metadata import describe
+from .metadata import compiled_for, describe
 from .profile import ShapeProfile
-
-
-def device_of(device: torch.device) -> dict[str, str]:
-    """What a package is compiled for: the device type, and the GPU's compute capability."""
-    if device.type != "cuda":
-        return {"type": device.type}
-    major, minor = torch.cuda.get_device_capability(device)
-    return {"type": "cuda", "compute_capability": f"{major}.{minor}"}
 
 
 def export_aoti(model: torch.nn.Module, path: str | Path, *, precision: str = "fp32", profile: ShapeProfile,
@@ -40,7 +32,7 @@ def export_aoti(model: torch.nn.Module, path: str | Path, *, precision: str = "f
         raise ValueError(f"an AOTInductor package must end in .pt2, got {path.name}")
     model = copy.deepcopy(model).eval().float()
     traced = (model if precision == "fp32" else cast_backbone(model, PRECISIONS[precision])).to(device)
-    settings = dict(format="aoti", precision=precision, profile=profile.as_dict(), device=device_of(device))
+    settings = dict(format="aoti", precision=precision, profile=profile.as_dict(), device=compiled_for(device))
     with torch.inference_mode(False), torch.no_grad():
         program = torch.export.export(traced, (profile.example_input().to(device),),
                                       dynamic_shapes=(profile.dynamic_dims(),))

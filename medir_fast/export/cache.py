@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .metadata import EngineError, fits, library_versions, read_metadata, weights_sha256
+from .metadata import EngineError, compiled_for, device_reason, fits, library_versions, read_metadata, weights_sha256
 from .profile import ShapeProfile
 
 log = logging.getLogger("medir_fast")
@@ -29,15 +29,6 @@ def engine_folder() -> Path:
     return Path(os.environ.get("MEDIR_FAST_CACHE", Path.home() / ".cache" / "medir-fast")) / "engines"
 
 
-def compiled_for(fmt: str, device: torch.device) -> str:
-    """The device part of the key: ONNX files run anywhere; packages and plans on what built them."""
-    if fmt == "onnx":
-        return "any"
-    if device.type == "cuda":
-        return f"cuda {torch.cuda.get_device_name(device)} {torch.cuda.get_device_capability(device)}"
-    return device.type
-
-
 def engine_key(model: torch.nn.Module, fmt: str, precision: str, profile: ShapeProfile, device: torch.device) -> str:
     from .. import __version__
 
@@ -45,7 +36,8 @@ def engine_key(model: torch.nn.Module, fmt: str, precision: str, profile: ShapeP
     for source in sorted(Path(__file__).parent.glob("*.py")) + [Path(__file__).parents[1] / "model" / "amir.py"]:
         code.update(source.read_bytes())
     parts = dict(weights=weights_sha256(model), config=model.config, format=fmt, precision=precision,
-                 profile=profile.as_dict(), device=compiled_for(fmt, device), code=code.hexdigest(),
+                 profile=profile.as_dict(), device="any" if fmt == "onnx" else compiled_for(device),
+                 code=code.hexdigest(),
                  versions=[__version__, library_versions(fmt)])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -64,7 +56,7 @@ def cached_engine(model: torch.nn.Module, fmt: str, precision: str, profile: Sha
     from . import export
 
     path = engine_path(model, fmt, precision, profile, device)
-    reason = _reason(path, model, fmt, precision) if path.is_file() else None
+    reason = _reason(path, model, fmt, precision, device) if path.is_file() else None
     if path.is_file() and reason is None:
         return path
     if reason is not None:
@@ -79,13 +71,14 @@ def cached_engine(model: torch.nn.Module, fmt: str, precision: str, profile: Sha
         write_atomically(path, lambda tmp: export(model, tmp, fmt, precision=precision, profile=profile,
                                                   device="cpu" if fmt == "onnx" else device), "engine")
     except OutputError:  # another process cached it meanwhile
-        if _reason(path, model, fmt, precision) is not None:
+        if _reason(path, model, fmt, precision, device) is not None:
             raise
     return path
 
 
-def _reason(path: Path, model: torch.nn.Module, fmt: str, precision: str) -> str | None:
+def _reason(path: Path, model: torch.nn.Module, fmt: str, precision: str, device: torch.device) -> str | None:
     try:
-        return fits(read_metadata(path), model, fmt, precision)
+        meta = read_metadata(path)
+        return fits(meta, model, fmt, precision) or device_reason(meta, device)
     except EngineError as exc:
         return str(exc)

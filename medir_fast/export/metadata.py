@@ -36,7 +36,24 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def format_tag(fmt: str) -> str:
-    return f"medir-fast {fmt} 1"
+    return f"medir-fast {fmt} 2"
+
+
+def compiled_for(device: torch.device) -> dict[str, str]:
+    """What compiled code (an AOTInductor package, a TensorRT plan) is tied to: on the CPU the
+    vector instruction set Inductor generated for, on CUDA the GPU model and compute capability."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return {"type": device.type, "isa": str(pick_vec_isa()) or "none"}
+
+
+def describe_device(device: dict) -> str:
+    """{'type': 'cpu', 'isa': 'avx2'} -> 'cpu (avx2)'."""
+    rest = [str(v) for k, v in sorted(device.items()) if k != "type"]
+    return str(device.get("type", "an unknown device")) + (f" ({', '.join(rest)})" if rest else "")
 
 
 def describe(model: torch.nn.Module, fmt: str, settings: dict) -> dict[str, str]:
@@ -59,7 +76,7 @@ def describe(model: torch.nn.Module, fmt: str, settings: dict) -> dict[str, str]
 def library_versions(fmt: str) -> dict[str, str]:
     """The versions an engine of `fmt` depends on (also part of the engine cache's key)."""
     versions = {"torch": torch.__version__}
-    for name in {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt")}.get(fmt, ()):
+    for name in {"onnx": ("onnx", "onnxscript"), "tensorrt": ("onnx", "onnxscript", "tensorrt")}.get(fmt, ()):
         try:
             versions[name] = importlib.import_module(name).__version__
         except ImportError:
@@ -84,6 +101,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise EngineError(f"{path} is damaged or not a {path.suffix} engine ({type(exc).__name__})") from exc
     if not str(meta.get(PREFIX + "format", "")).startswith("medir-fast ") or PREFIX + "export" not in meta:
         raise EngineError(f"{path} is not an engine written by medir-fast export (no medir-fast metadata)")
+    try:
+        recorded = settings(meta)
+        assert isinstance(recorded, dict) and isinstance(recorded["profile"], dict) and "precision" in recorded
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise EngineError(f"{path} has damaged medir-fast metadata, or an older medir-fast's; export it again") from None
     return meta
 
 
@@ -94,8 +116,11 @@ def settings(meta: dict[str, str]) -> dict:
 
 def fits(meta: dict[str, str], model: torch.nn.Module, fmt: str, precision: str | None = None) -> str | None:
     """Why the engine described by `meta` cannot run `model` (None: it can)."""
-    if meta.get(PREFIX + "format") != format_tag(fmt):
-        return f"a {meta.get(PREFIX + 'format', 'foreign')} file, not a medir-fast {fmt} engine"
+    tag = meta.get(PREFIX + "format", "")
+    if tag != format_tag(fmt):
+        if tag.rsplit(" ", 1)[0] == format_tag(fmt).rsplit(" ", 1)[0]:
+            return f"written by another medir-fast version ({tag}); export it again"
+        return f"a {tag or 'foreign'} file, not a medir-fast {fmt} engine"
     if json.loads(meta.get(PREFIX + "config", "null")) != json.loads(json.dumps(model.config)):
         return "built for another AMIR config"
     if meta.get(PREFIX + "weights_sha256") != weights_sha256(model):
@@ -104,6 +129,16 @@ def fits(meta: dict[str, str], model: torch.nn.Module, fmt: str, precision: str 
     if precision is not None and built != precision:
         return f"built for {built}, not {precision}"
     return None
+
+
+def device_reason(meta: dict[str, str], device: torch.device) -> str | None:
+    """Why compiled code recorded in `meta` cannot run on `device` (None: it can, or the engine
+    is not compiled code, like an ONNX file)."""
+    built = settings(meta).get("device")
+    if built is None:
+        return None
+    here = compiled_for(device)
+    return None if built == here else f"compiled for {describe_device(built)}, not {describe_device(here)}"
 
 
 def _onnx_metadata(path: Path) -> dict[str, str]:

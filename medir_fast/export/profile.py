@@ -1,6 +1,6 @@
 """The shapes an engine takes: batch, height and width from a smallest through an optimal to a
 largest. torch.export bounds its dynamic dimensions by it, TensorRT builds one optimisation
-profile from it, and every backend checks a batch against it before running (`reason`).
+profile from it, and every backend checks a batch against it before running (`reason`, `chunks`).
 Height and width are multiples of 8 (the network's three 2x down-samplings), at least 16."""
 
 from __future__ import annotations
@@ -47,12 +47,10 @@ class ShapeProfile:
             raise ValueError(f"shape profile needs min <= opt <= max in each dimension, got min {show(self.min)}, "
                              f"opt {show(self.opt)}, max {show(self.max)}")
 
-    def reason(self, batch: int, height: int, width: int) -> str | None:
-        """Why a batch of this shape cannot run in the profile (None: it can). Batches larger than
-        the largest are not a reason: backends run them in chunks (`chunks`)."""
+    def reason(self, height: int, width: int) -> str | None:
+        """Why slices of this size cannot run in the profile (None: they can). Any batch can:
+        backends cut it into chunks no larger than the largest and pad each up to the smallest."""
         (_, h0, w0), (_, h1, w1) = self.min, self.max
-        if batch < self.min[0]:
-            return f"a batch of {batch} is below the engine's smallest ({self.min[0]})"
         if not (h0 <= height <= h1 and w0 <= width <= w1):
             return (f"slices of {height}x{width} are outside the engine's profile (height {h0} to {h1}, "
                     f"width {w0} to {w1})")

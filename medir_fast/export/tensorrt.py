@@ -7,7 +7,7 @@ Conv has no bfloat16 type). One optimisation profile spans the engine's shape pr
 A TensorRT plan holds no metadata of its own, so a `.engine` file is a container: a magic line,
 the length of a JSON header, the header (the metadata of `medir_fast.export.metadata` and the
 plan's sha256), then the plan. Plans only run on the GPU model and TensorRT version that built
-them; the header records both.
+them; the header records both, and the backend refuses a plan from another.
 
 This path has not yet been run: no machine of the project has had TensorRT. Everything that
 does not need it (the container, the profile's shapes, the reasons it cannot run) is plain
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .metadata import PREFIX, EngineError, describe
+from .metadata import PREFIX, EngineError, compiled_for, describe
 from .profile import ShapeProfile
 
 MAGIC = b"medir-fast tensorrt engine\n"
@@ -40,12 +40,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return "TensorRT runs on NVIDIA GPUs only and no CUDA device is in use here (--device cuda)"
     return None
-
-
-def gpu_of(device: torch.device) -> dict[str, str]:
-    """The GPU a plan is built for: a plan runs on that model only."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return {"name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
 
 
 def profile_shapes(profile: ShapeProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -83,8 +77,9 @@ def read_container(path: Path, plan: bool = True) -> tuple[dict[str, str], bytes
     return meta, body
 
 
-def build_plan(onnx_path: Path, profile: ShapeProfile, device: torch.device) -> bytes:
-    """A serialised TensorRT plan of the ONNX file, strongly typed, one optimisation profile."""
+def build_plan(onnx_path: Path, precision: str, profile: ShapeProfile, device: torch.device) -> bytes:
+    """A serialised TensorRT plan of the ONNX file, strongly typed, one optimisation profile;
+    fp32 without TF32 (TensorRT allows it by default), so fp32 means float32 arithmetic."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -95,6 +90,8 @@ def build_plan(onnx_path: Path, profile: ShapeProfile, device: torch.device) -> 
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT's ONNX parser refused the graph: {errors}")
     config = builder.create_builder_config()
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
     shapes = builder.create_optimization_profile()
     for name, (lo, mid, hi) in profile_shapes(profile).items():
         shapes.set_shape(name, lo, mid, hi)
@@ -122,8 +119,8 @@ def export_tensorrt(model: torch.nn.Module, path: str | Path, *, precision: str 
 
     with tempfile.TemporaryDirectory() as folder:
         onnx_path = export_onnx(model, Path(folder) / "amir.onnx", precision=precision, profile=profile)
-        plan = build_plan(onnx_path, profile, device)
+        plan = build_plan(onnx_path, precision, profile, device)
     settings = dict(format="tensorrt", precision=precision, profile=profile.as_dict(), opset=OPSET,
-                    gpu=gpu_of(device), tensorrt=trt.__version__)
+                    device=compiled_for(device), tensorrt=trt.__version__)
     write_container(path, describe(model, "tensorrt", settings), plan)
     return path

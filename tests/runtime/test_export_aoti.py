@@ -46,14 +46,35 @@ def test_aoti_backend_runs_the_package_like_eager_in_chunks_of_its_largest_batch
 
 
 def test_package_metadata_is_read_without_loading_it(aoti_package, tiny_model, capsys):
-    from medir_fast.export.metadata import fits, read_metadata, settings
+    from medir_fast.export.metadata import compiled_for, fits, read_metadata, settings
 
     meta = read_metadata(aoti_package)
     assert fits(meta, tiny_model, "aoti") is None
-    assert settings(meta) == {"format": "aoti", "precision": "fp32", "device": {"type": "cpu"},
+    assert settings(meta) == {"format": "aoti", "precision": "fp32", "device": compiled_for(torch.device("cpu")),
                               "profile": {"min": [1, 16, 16], "opt": [4, 256, 256], "max": [16, 256, 256]}}
+    assert settings(meta)["device"]["isa"]  # the instruction set the C++ was generated for
     assert main(["info", str(aoti_package)]) == 0
-    assert "format: medir-fast aoti 1" in capsys.readouterr().out
+    assert "format: medir-fast aoti 2" in capsys.readouterr().out
+
+
+def test_a_package_for_another_cpu_is_refused(aoti_package, tiny_model, tmp_path):
+    import json
+    import zipfile
+
+    from medir_fast import Restorer
+    from medir_fast.export.metadata import EngineError
+
+    other = tmp_path / "other.pt2"
+    with zipfile.ZipFile(aoti_package) as src, zipfile.ZipFile(other, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("metadata.json") and b"medir_fast.format" in data:
+                meta = json.loads(data)
+                meta["medir_fast.export"] = meta["medir_fast.export"].replace('"isa": "', '"isa": "other-')
+                data = json.dumps(meta).encode()
+            dst.writestr(item, data)
+    with pytest.raises(EngineError, match=r"compiled for cpu \(other-"):
+        Restorer(tiny_model, "ct_denoise", engine=other)
 
 
 def test_cached_package_is_used_and_a_package_for_other_weights_is_refused(aoti_package, tiny_model, tmp_path,
