@@ -32,7 +32,9 @@ setup(
         "onnxruntime>=1.20",  # the onnxruntime backend (its CPU provider; onnxruntime-gpu in its place adds CUDA)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0", "bm3d>=4.0", "scikit-image>=0.22"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0", "bm3d>=4.0", "scikit-image>=0.22", "matplotlib>=3.7"],
+        # medir-fast bench: the BM3D baseline (its noise level from scikit-image) and --plot
+        "bench": ["bm3d>=4.0", "scikit-image>=0.22", "matplotlib>=3.7"],
         # ONNX Runtime's CUDA provider; it holds the same module as onnxruntime (see README)
         "gpu": ["onnxruntime-gpu>=1.20"],
         "tensorrt": ["tensorrt>=10"],  # the tensorrt backend and --format tensorrt (NVIDIA GPUs)

@@ -30,6 +30,8 @@ SUBCOMMANDS = {
     "train": ("train AMIR on simulated or paired data", "medir_fast.lab.training", "add_arguments", "run"),
     "eval": ("evaluate a model against classical baselines", "medir_fast.lab.evaluate", "add_arguments", "run"),
     "export": ("export an engine file (ONNX, AOTInductor, TensorRT)", "medir_fast.export", "add_arguments", "run"),
+    "bench": ("AMIR's latency against baselines (the official code, torch.compile, BM3D) and every backend",
+              "medir_fast.bench", "add_arguments", "run"),
 }
 
 log = logging.getLogger("medir_fast")
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             parser = build_parser(argv)
             args = parser.parse_args(argv)
+            args.argv = argv  # the command line as given (bench records it)
             if args.command is None:
                 parser.print_help()
                 return EXIT_BAD_INPUT

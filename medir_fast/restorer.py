@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backends import make_backend
+from .backends import Backend, make_backend
 from .tasks import SCALES, Task, get_task
 
 log = logging.getLogger("medir_fast")
@@ -100,7 +100,8 @@ class Restorer:
     """Restores 2-D slices and 3-D volumes with an AMIR model for one task.
 
     backend: 'auto' (the fastest available, logged), 'eager', 'triton', or one that runs an engine
-    file built from the model on first use and cached: 'onnxruntime', 'aoti', 'tensorrt'.
+    file built from the model on first use and cached: 'onnxruntime', 'aoti', 'tensorrt'; or a
+    backend object (`backends.Backend`), used as it is (the bench's baselines).
     precision: 'auto' (bf16 on CUDA, fp32 on CPU; an engine file's own), 'fp32', 'bf16' or 'fp16'.
     tile: N cuts slices into N x N tiles (multiple of 8) overlapping by N/4 and cross-faded; 0
     runs whole slices; None (the default) runs what `medir-fast infer` runs for these weights:
@@ -119,7 +120,7 @@ class Restorer:
         self,
         model: torch.nn.Module,
         task: str | Task,
-        backend: str = "auto",
+        backend: str | Backend = "auto",
         device: str | torch.device = "cpu",
         precision: str = "auto",
         batch_size: int = 8,
@@ -147,7 +148,8 @@ class Restorer:
         self.tile = tile or None  # None: whole slices
         self._warned_oom = False
         self.self_ensemble = self_ensemble
-        self.backend = make_backend(backend, model, self.device, self.dtype, engine)
+        self.backend = (make_backend(backend, model, self.device, self.dtype, engine) if isinstance(backend, str)
+                        else backend)
         log.info("backend %s on %s, %s", self.backend.name, self.device, str(self.dtype).replace("torch.", ""))
 
     # ------------------------------------------------------------------ normalised space
