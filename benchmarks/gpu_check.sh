@@ -3,11 +3,13 @@
 #  1. makes medir_fast importable (editable install, offline; missing pure-Python packages are
 #     taken from ./.whl/ if wheels were put there beforehand, since such machines may be offline),
 #  2. runs the kernel tests on the GPU (same tests as CI's interpreter run, real compiler),
-#  3. per-kernel timings, then the whole-model table (eager fp32, autocast bf16, torch.compile,
-#     triton backend) at 1x512x512 and 8x256x256.
-# Logs and JSON go to $OUT (default benchmarks/out).
-# Usage: bash benchmarks/gpu_check.sh [gpu_bench.py options, e.g. --modes eager,triton,engines]
-# Without torch.compile it takes about 5 minutes on an H100 (estimate); compile adds ~2.5 min per shape.
+#  3. per-kernel timings, then `medir-fast bench` on the paper's configuration (random weights) at
+#     1x512x512 and 8x256x256, fp32, bf16 and fp16: the official algorithm, torch.compile and every
+#     backend that runs there (bm3d and the plot need their packages in ./.whl/ too).
+# Logs, JSON and Markdown go to $OUT (default benchmarks/out).
+# Usage: bash benchmarks/gpu_check.sh [medir-fast bench options, e.g. --backends official,eager,triton]
+# Estimate: about 5 minutes on an H100 without the builds that take minutes (compile: ~2.5 min per
+# shape and precision; aoti: minutes per precision); --backends chooses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
@@ -29,5 +31,6 @@ done
 status=0
 "$PY" -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || { echo "KERNEL TESTS FAILED"; status=1; }
 "$PY" benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || status=1
-"$PY" benchmarks/gpu_bench.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
+"$PY" -m medir_fast.cli bench --device cuda --config default --precision fp32,bf16,fp16 \
+  --json "$OUT/bench.json" --markdown "$OUT/bench.md" --overwrite "$@" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

@@ -20,11 +20,16 @@ MACHINE_FIELDS = {"date", "cpu", "cores", "threads", "device", "gpu", "libraries
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, tiny_weights):
+def engine_cache(tmp_path_factory):
+    """One engine cache for the module: the tiny model's ONNX engine is exported once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def report(engine_cache, tiny_weights):
     """One run at tiny shapes: the baselines, eager and ONNX Runtime run; triton and tensorrt cannot here."""
-    cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDIR_FAST_CACHE", str(cache))
+        mp.setenv("MEDIR_FAST_CACHE", str(engine_cache))
         return bench(weights=str(tiny_weights), shapes="1x16x16,2x24x32", device="cpu", min_time=0.05, warmup=0,
                      backends="official,eager,onnxruntime,triton,tensorrt,bm3d")
 
@@ -117,12 +122,13 @@ def test_percentiles():
     assert percentile([], 50) is None
 
 
-def test_end_to_end_rows(ct_volume, tiny_weights):
+def test_end_to_end_rows(ct_volume, tiny_weights, engine_cache, monkeypatch):
+    monkeypatch.setenv("MEDIR_FAST_CACHE", str(engine_cache))
     rows = bench(weights=str(tiny_weights), shapes="1x16x16", device="cpu", min_time=0, warmup=0,
                  backends="eager", tile=16, end_to_end=ct_volume)["rows"]
     e2e = [r for r in rows if r["kind"] == "end-to-end"]
-    assert [r["variant"] for r in e2e] == ["no stream, tile 16", "no stream, whole slices", "stream, tile 16",
-                                           "stream, whole slices"]
+    assert [r["variant"] for r in e2e] == ["onnxruntime, no stream, tile 16", "onnxruntime, no stream, whole slices",
+                                           "onnxruntime, stream, tile 16", "onnxruntime, stream, whole slices"]
     for row in e2e:
         assert row["status"] == "ok", row["reason"]
         assert row["shape"] == "5x37x61" and row["calls"] >= ROUNDS

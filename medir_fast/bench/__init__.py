@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..restorer import PRECISIONS, check_tile, resolve_device
+from ..restorer import PRECISIONS, Restorer, check_tile, resolve_device
 from .candidates import ALL, BASELINES, CLASSICAL, NETWORK_BASELINES, build, skip_reason, unavailable
 from .timing import ROUNDS, Clock, interleaved
 
@@ -36,8 +36,8 @@ log = logging.getLogger("medir_fast")
 # What runs without options: on a 2-core CPU all of it in under 5 minutes, a first ONNX export included.
 DEFAULTS = {
     "cpu": dict(shapes="1x256x256,4x128x128", precisions="fp32", min_time=4.0,
-                left_out={"compile": "its build takes minutes on a CPU and it runs no faster than eager there "
-                                     "(benchmarks/RESULTS.md); --backends all runs it",
+                left_out={"compile": "its build takes a minute or more per shape on a CPU, where torch 2.13's inductor "
+                                     "computes the official routing wrongly (benchmarks/RESULTS.md); --backends all runs it",
                           "aoti": "its build takes minutes on a CPU; --backends all runs it"}),
     "cuda": dict(shapes="1x512x512,8x256x256", precisions="fp32,bf16", min_time=4.0, left_out={}),
 }
@@ -169,7 +169,7 @@ def bench(weights: str | None = None, config: str | dict | None = None, backends
         precisions=precision_list, backends=names, tile=tile, warmup=warmup, min_time=min_time, rounds=ROUNDS,
         tolerance_rel_l2=TOLERANCE, input=f"uniform random in [0, 1], seed {SEED}"), rows=[])
     clock = Clock(dev)
-    built: dict[tuple[str, str], tuple] = {}
+    built: dict[tuple[str, str], Built] = {}
     with _quiet_and_exact(dev):
         for b, h, w in shape_list:
             x = torch.rand(b, 1, h, w, generator=torch.Generator().manual_seed(SEED)).to(dev)
@@ -241,6 +241,8 @@ def _shape_rows(names, left_out, precisions, model, dev, task, tile, x, built, c
                 row.update(status="skipped", reason=reason)
                 continue
             if (name, precision) not in built:
+                if progress:  # an engine export or compilation can take minutes: say what is going on
+                    print(f"medir-fast bench: building {key}", file=sys.stderr, flush=True)
                 built[name, precision] = _build(name, model, dev, precision, tile, task, b)
             done = built[name, precision]
             if done.call is None:
@@ -257,25 +259,11 @@ def _shape_rows(names, left_out, precisions, model, dev, task, tile, x, built, c
             calls[key], outputs[key] = call, out.float().cpu()
 
     reference = outputs.get("eager fp32")
-    if reference is None:
-        from .candidates import build as build_call
+    if reference is None:  # eager fp32 not among the rows: computed, untimed
+        reference = build("eager", model, dev, "fp32", tile, task, b)[0](x).float().cpu()
 
-        reference = build_call("eager", model, dev, "fp32", tile, task, b)[0](x).float().cpu()
-
-    def failed(key, exc):
-        rows[key].update(status="failed", reason=_error_line(exc))
-
-    bar = _bar(progress, ROUNDS * len(calls), shape)
-    timings = interleaved(clock, calls, x, warmup, min_time,
-                          progress=(lambda key: (bar.set_postfix_str(key, refresh=False), bar.update())) if bar else None,
-                          failed=failed)
-    if bar is not None:
-        bar.close()
-    for key, timing in timings.items():
+    for key in _time_rows(rows, calls, clock, x, warmup, min_time, progress, shape, b):
         row = rows[key]
-        row.update(timing.summary())
-        row["slices_per_s"] = b / (row["p50_ms"] / 1e3)
-        row["build_s"] = max(0.0, row["cold_start_s"] - row["p50_ms"] / 1e3)
         if row["backend"] not in CLASSICAL:
             diff = outputs[key] - reference
             row["rel_l2"] = (diff.norm() / reference.norm()).item()
@@ -284,6 +272,24 @@ def _shape_rows(names, left_out, precisions, model, dev, task, tile, x, built, c
             row["within_tolerance"] = row["rel_l2"] <= row["tolerance_rel_l2"]
     _speedups(list(rows.values()))
     return list(rows.values())
+
+
+def _time_rows(rows: dict[str, dict], calls: dict, clock: Clock, x, warmup: int, min_time: float, progress: bool,
+               desc: str, slices: int) -> list[str]:
+    """Time `calls` in interleaved rounds into their rows (a progress bar on a terminal); returns
+    the keys of the rows that ran to the end (a failure is recorded in its row)."""
+    bar = _bar(progress, ROUNDS * len(calls), desc)
+    timings = interleaved(clock, calls, x, warmup, min_time,
+                          progress=(lambda key: (bar.set_postfix_str(key, refresh=False), bar.update())) if bar else None,
+                          failed=lambda key, exc: rows[key].update(status="failed", reason=_error_line(exc)))
+    if bar is not None:
+        bar.close()
+    for key, timing in timings.items():
+        row = rows[key]
+        row.update(timing.summary())
+        row["slices_per_s"] = slices / (row["p50_ms"] / 1e3)
+        row["build_s"] = max(0.0, row["cold_start_s"] - row["p50_ms"] / 1e3)
+    return list(timings)
 
 
 def _speedups(rows: list[dict]) -> None:
@@ -297,7 +303,8 @@ def _speedups(rows: list[dict]) -> None:
 
 def _end_to_end_rows(path: Path, volume, model, dev, task, precision, tile, warmup, min_time, progress) -> list[dict]:
     """`medir-fast infer`'s work on a real file (read, restore, check, write), with and without the
-    streaming runtime, in tiles and on whole slices; backend auto."""
+    streaming runtime, in tiles and on whole slices, with the backend `auto` picks; each call
+    builds its Restorer afresh, as each `infer` does."""
     from ..api import restore_file
 
     axis = volume.slice_axis()
@@ -305,13 +312,14 @@ def _end_to_end_rows(path: Path, volume, model, dev, task, precision, tile, warm
     slices = volume.shape[axis]
     shape = f"{slices}x{dims[0]}x{dims[1]}"
     tiled = tile or getattr(model, "default_tiles", {}).get(task)
+    backend = Restorer(model, task, device=dev, precision=precision).backend.name  # what infer's auto picks
     rows, calls = {}, {}
     clock = Clock(torch.device("cpu"))  # a file to file run is timed by the wall clock
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "restored.nii.gz"
         for stream in (False, True):
             for t in (tiled, 0):
-                variant = f"{'stream' if stream else 'no stream'}, {f'tile {t}' if t else 'whole slices'}"
+                variant = f"{backend}, {'stream' if stream else 'no stream'}, {f'tile {t}' if t else 'whole slices'}"
                 row = rows[variant] = _row("end-to-end", shape, precision, dev, t)
                 row.update(kind="end-to-end", variant=variant, tile=t or None)
                 if t is None:
@@ -320,7 +328,7 @@ def _end_to_end_rows(path: Path, volume, model, dev, task, precision, tile, warm
 
                 def call(_, stream=stream, t=t):
                     restore_file(path, out, task, model=model, overwrite=True, stream=stream, tile=t, device=dev,
-                                 precision=precision)
+                                 precision=precision, backend=backend)
 
                 try:
                     _, first = clock.first_call(call, None)
@@ -329,17 +337,7 @@ def _end_to_end_rows(path: Path, volume, model, dev, task, precision, tile, warm
                     continue
                 row.update(first_call_s=first, cold_start_s=first)
                 calls[variant] = call
-        bar = _bar(progress, ROUNDS * len(calls), f"end to end {path.name}")
-        timings = interleaved(clock, calls, None, warmup, min_time,
-                              progress=(lambda key: bar.update()) if bar else None,
-                              failed=lambda key, exc: rows[key].update(status="failed", reason=_error_line(exc)))
-        if bar is not None:
-            bar.close()
-    for variant, timing in timings.items():
-        row = rows[variant]
-        row.update(timing.summary())
-        row["slices_per_s"] = slices / (row["p50_ms"] / 1e3)
-        row["build_s"] = max(0.0, row["cold_start_s"] - row["p50_ms"] / 1e3)
+        _time_rows(rows, calls, clock, None, warmup, min_time, progress, f"end to end {path.name}", slices)
     return list(rows.values())
 
 
