@@ -7,9 +7,10 @@
 #     1x512x512 and 8x256x256, fp32, bf16 and fp16: the official algorithm, torch.compile and every
 #     backend that runs there (bm3d and the plot need their packages in ./.whl/ too).
 # Logs, JSON and Markdown go to $OUT (default benchmarks/out).
-# Usage: bash benchmarks/gpu_check.sh [medir-fast bench options, e.g. --backends official,eager,triton]
-# Estimate: about 5 minutes on an H100 without the builds that take minutes (compile: ~2.5 min per
-# shape and precision; aoti: minutes per precision); --backends chooses.
+# Usage: bash benchmarks/gpu_check.sh [medir-fast bench options]
+# By default the bench leaves out the builds that take minutes (compile: ~2.5 min per shape and
+# precision; aoti: minutes per precision): about 5 minutes on an H100 (estimate). `--backends all`
+# (or a list) after it replaces that choice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
@@ -32,5 +33,6 @@ status=0
 "$PY" -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || { echo "KERNEL TESTS FAILED"; status=1; }
 "$PY" benchmarks/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || status=1
 "$PY" -m medir_fast.cli bench --device cuda --config default --precision fp32,bf16,fp16 \
+  --backends official,eager,triton,onnxruntime,tensorrt,bm3d \
   --json "$OUT/bench.json" --markdown "$OUT/bench.md" --overwrite "$@" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

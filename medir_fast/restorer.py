@@ -148,6 +148,10 @@ class Restorer:
         self.tile = tile or None  # None: whole slices
         self._warned_oom = False
         self.self_ensemble = self_ensemble
+        if not isinstance(backend, str) and (engine is not None or backend.device != self.device
+                                             or backend.dtype != self.dtype):
+            raise ValueError(f"backend {backend.name} runs on {backend.device} in {backend.dtype}: give the Restorer "
+                             f"that device and precision, and no engine")
         self.backend = (make_backend(backend, model, self.device, self.dtype, engine) if isinstance(backend, str)
                         else backend)
         log.info("backend %s on %s, %s", self.backend.name, self.device, str(self.dtype).replace("torch.", ""))

@@ -10,7 +10,7 @@ import torch
 
 from medir_fast.bench import TOLERANCE, bench
 from medir_fast.bench import candidates
-from medir_fast.bench.timing import ROUNDS, Clock, interleaved, percentile
+from medir_fast.bench.timing import ROUNDS, Clock, Timed, interleaved, percentile
 from medir_fast.cli import main
 
 ROW_FIELDS = {"backend", "kind", "shape", "precision", "status", "reason", "calls", "p10_ms", "p50_ms", "p90_ms",
@@ -30,6 +30,7 @@ def report(engine_cache, tiny_weights):
     """One run at tiny shapes: the baselines, eager and ONNX Runtime run; triton and tensorrt cannot here."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDIR_FAST_CACHE", str(engine_cache))
+        mp.delenv("TRITON_INTERPRET", raising=False)  # the kernel tests' interpreter would let triton run
         return bench(weights=str(tiny_weights), shapes="1x16x16,2x24x32", device="cpu", min_time=0.05, warmup=0,
                      backends="official,eager,onnxruntime,triton,tensorrt,bm3d")
 
@@ -93,12 +94,19 @@ def test_a_wrong_output_is_flagged(tiny_weights, monkeypatch):
                  backends="official,eager")["rows"]
     official = next(r for r in rows if r["backend"] == "official")
     assert official["within_tolerance"] is False and official["rel_l2"] > 5e-3
+    eager = next(r for r in rows if r["backend"] == "eager")
+    assert "official fp32" not in eager["speedup"]  # no speed-up against a baseline that computes something else
+
+
+def cpu_rows(calls):
+    clock = Clock(torch.device("cpu"))
+    return {name: Timed(call, None, clock) for name, call in calls.items()}
 
 
 def test_rounds_interleave_with_rotating_order():
     order = []
-    calls = {name: (lambda x, name=name: order.append(name)) for name in "abc"}
-    timings = interleaved(Clock(torch.device("cpu")), calls, None, warmup=1, min_time=0)
+    timings = interleaved(cpu_rows({name: (lambda x, name=name: order.append(name)) for name in "abc"}), warmup=1,
+                          min_time=0)
     assert order[:3] == ["a", "b", "c"]  # warm-up
     rounds = [order[3 + 3 * r:6 + 3 * r] for r in range(ROUNDS)]
     assert rounds[0] == ["a", "b", "c"] and rounds[1] == ["b", "c", "a"] and rounds[2] == ["c", "a", "b"]
@@ -111,8 +119,8 @@ def test_a_row_that_fails_mid_run_is_recorded_and_the_others_go_on():
     def broken(x):
         raise RuntimeError("boom")
 
-    timings = interleaved(Clock(torch.device("cpu")), {"ok": lambda x: None, "broken": broken}, None, warmup=0,
-                          min_time=0, failed=lambda name, exc: seen.append((name, str(exc))))
+    timings = interleaved(cpu_rows({"ok": lambda x: None, "broken": broken}), warmup=0, min_time=0,
+                          failed=lambda name, exc: seen.append((name, str(exc))))
     assert seen == [("broken", "boom")] and list(timings) == ["ok"] and len(timings["ok"].ms) == ROUNDS
 
 
@@ -157,6 +165,8 @@ def test_cli_writes_json_markdown_and_plot(tmp_path, tiny_weights, capsys):
     (["--backends", "eager,nope"], "unknown backend nope"),
     (["--precision", "fp8"], "unknown precision fp8"),
     (["--config", "{bad"], "--config"),
+    (["--config", "[1]"], "--config"),
+    (["--config", '{"dim": "x"}'], "--config"),
     (["--config", "default", "--weights", "slim"], "not both"),
     (["--tile", "12"], "multiple of 8"),
     (["--min-time", "-1"], "--min-time"),
@@ -176,3 +186,20 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     target.write_text("keep")
     assert main(["bench", "--device", "cpu", "--json", str(target)]) == 2
     assert "--overwrite" in capsys.readouterr().err and target.read_text() == "keep"
+
+
+def test_inductor_miscompiles_the_official_combination():
+    """Why `compile` is left out of the CPU defaults: torch's inductor (2.13 on the CPU) compiles
+    the official combination step to log(eps) everywhere. Strict: when torch fixes it, this fails
+    and the defaults and RESULTS.md are to be revisited."""
+    def combine(x, index):
+        combined = torch.zeros(6, 3).index_add(0, index, x)
+        combined[combined == 0] = torch.finfo(torch.float64).eps
+        return combined.log()
+
+    x, index = torch.rand(4, 3) + 0.5, torch.tensor([0, 1, 2, 0])
+    compiled = torch.compile(combine)(x, index)
+    wrong = not torch.allclose(compiled, combine(x, index))
+    if wrong:
+        pytest.xfail("inductor computes log(eps) where the sums are positive")
+    pytest.fail("inductor now compiles the official combination correctly: revisit DEFAULTS['cpu'] and RESULTS.md")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from medir_fast.model import AMIR, DEFAULT_CONFIG, infer_config
-from medir_fast.bench.official import OfficialMoE, official_model
+from medir_fast.bench.official import OfficialMoE, as_official, official_model
 from medir_fast.model.amir import MoE
 
 from .conftest import DATA, GOLDEN_CASES, golden
@@ -68,9 +68,7 @@ def test_default_config_keys_and_shapes_match_official():
 
 def sparse_dispatch(moe: MoE) -> OfficialMoE:
     """The same experts and gate, computed as the official code does (nonzero / sort / split, exp then log)."""
-    official = copy.deepcopy(moe)
-    official.__class__ = OfficialMoE
-    return official
+    return as_official(copy.deepcopy(moe))
 
 
 @pytest.mark.parametrize("dim,ffn", [(8, 2.66), (12, 2.0), (42, 2.66), (13, 1.5)])

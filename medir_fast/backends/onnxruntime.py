@@ -47,7 +47,9 @@ class OnnxRuntimeBackend(EngineBackend):
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        cuda = [("CUDAExecutionProvider", {"device_id": self.device.index or 0})] if self.device.type == "cuda" else []
+        # TF32 off: an fp32 engine computes in fp32, as the eager fp32 reference does
+        cuda = ([("CUDAExecutionProvider", {"device_id": self.device.index or 0, "use_tf32": 0})]
+                if self.device.type == "cuda" else [])
         self.session = onnxruntime.InferenceSession(str(path), options, providers=[*cuda, "CPUExecutionProvider"])
         if cuda and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendUnavailable("onnxruntime could not load its CUDA provider here (see its log); "

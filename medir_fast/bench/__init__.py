@@ -29,7 +29,7 @@ import torch
 
 from ..restorer import PRECISIONS, Restorer, check_tile, resolve_device
 from .candidates import ALL, BASELINES, CLASSICAL, NETWORK_BASELINES, build, skip_reason, unavailable
-from .timing import ROUNDS, Clock, interleaved
+from .timing import ROUNDS, Clock, Timed, interleaved
 
 log = logging.getLogger("medir_fast")
 
@@ -85,13 +85,15 @@ def bench_model(weights: str | None, config: str | dict | None) -> tuple[torch.n
             config = json.loads(config)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--config: 'slim', 'default' or a JSON object of AMIR arguments ({exc})") from None
+    if config != "default" and not isinstance(config, dict):
+        raise ValueError(f"--config: 'slim', 'default' or a JSON object of AMIR arguments, not {config!r}")
     arguments = {**DEFAULT_CONFIG, **({} if config == "default" else config)}
-    try:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random state is left alone
         torch.manual_seed(SEED)
-        model = AMIR(**arguments)
-    except TypeError as exc:
-        raise ValueError(f"--config: {exc}") from None
-    with torch.no_grad():
+        try:
+            model = AMIR(**arguments)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"--config: {exc}") from None
         for pname, p in model.named_parameters():
             p.add_(torch.randn_like(p) * 0.02)
             if pname.endswith("temperature"):
@@ -168,13 +170,12 @@ def bench(weights: str | None = None, config: str | dict | None = None, backends
         model=model_name, config=model.config, task=task, device=str(dev), shapes=[f"{b}x{h}x{w}" for b, h, w in shape_list],
         precisions=precision_list, backends=names, tile=tile, warmup=warmup, min_time=min_time, rounds=ROUNDS,
         tolerance_rel_l2=TOLERANCE, input=f"uniform random in [0, 1], seed {SEED}"), rows=[])
-    clock = Clock(dev)
     built: dict[tuple[str, str], Built] = {}
     with _quiet_and_exact(dev):
         for b, h, w in shape_list:
             x = torch.rand(b, 1, h, w, generator=torch.Generator().manual_seed(SEED)).to(dev)
-            rows = _shape_rows(names, left_out, precision_list, model, dev, task, tile, x, built, clock, warmup,
-                               min_time, progress)
+            rows = _shape_rows(names, left_out, precision_list, model, dev, task, tile, x, built, warmup, min_time,
+                               progress)
             report["rows"] += rows
             if echo is not None:
                 echo(table(rows))
@@ -228,10 +229,11 @@ def _bar(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="row-round", leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def _shape_rows(names, left_out, precisions, model, dev, task, tile, x, built, clock, warmup, min_time, progress):
+def _shape_rows(names, left_out, precisions, model, dev, task, tile, x, built, warmup, min_time, progress):
     b, _, h, w = x.shape
     shape = f"{b}x{h}x{w}"
-    rows, calls, outputs = {}, {}, {}
+    rows, timed, outputs = {}, {}, {}
+    on_device, on_cpu = Timed(None, x, Clock(dev)), Timed(None, x.cpu(), Clock(torch.device("cpu")))
     for name in names:
         for precision in (["fp64"] if name in CLASSICAL else precisions):
             key = f"{name} {precision}"
@@ -248,23 +250,28 @@ def _shape_rows(names, left_out, precisions, model, dev, task, tile, x, built, c
             if done.call is None:
                 row.update(status=done.status, reason=done.reason)
                 continue
-            call = done.call
+            # a classical baseline runs on the CPU: timed there, on its own input copy
+            target = dataclasses.replace(on_cpu if name in CLASSICAL else on_device, call=done.call)
             try:
-                out, first = clock.first_call(call, x)
+                out, first = target.clock.first_call(target.call, target.x)
             except Exception as exc:
                 row.update(status="failed", reason=_error_line(exc))
                 continue
             row.update(setup_s=done.setup_s, first_call_s=first, cold_start_s=done.setup_s + first, engine=done.engine,
                        engine_built=done.engine_built)
-            calls[key], outputs[key] = call, out.float().cpu()
+            timed[key], outputs[key] = target, out.float().cpu()
 
     reference = outputs.get("eager fp32")
-    if reference is None:  # eager fp32 not among the rows: computed, untimed
-        reference = build("eager", model, dev, "fp32", tile, task, b)[0](x).float().cpu()
+    if reference is None and any(r["backend"] not in CLASSICAL for r in rows.values() if r["status"] == "ok"):
+        try:  # eager fp32 not among the rows: computed, untimed
+            reference = build("eager", model, dev, "fp32", tile, task, b)[0](x).float().cpu()
+        except Exception as exc:
+            reference = None
+            log.warning("bench: no eager fp32 reference (%s); errors not measured", _error_line(exc))
 
-    for key in _time_rows(rows, calls, clock, x, warmup, min_time, progress, shape, b):
+    for key in _time_rows(rows, timed, warmup, min_time, progress, shape, b):
         row = rows[key]
-        if row["backend"] not in CLASSICAL:
+        if row["backend"] not in CLASSICAL and reference is not None:
             diff = outputs[key] - reference
             row["rel_l2"] = (diff.norm() / reference.norm()).item()
             row["max_abs"] = diff.abs().max().item()
@@ -274,12 +281,12 @@ def _shape_rows(names, left_out, precisions, model, dev, task, tile, x, built, c
     return list(rows.values())
 
 
-def _time_rows(rows: dict[str, dict], calls: dict, clock: Clock, x, warmup: int, min_time: float, progress: bool,
+def _time_rows(rows: dict[str, dict], timed: dict[str, Timed], warmup: int, min_time: float, progress: bool,
                desc: str, slices: int) -> list[str]:
-    """Time `calls` in interleaved rounds into their rows (a progress bar on a terminal); returns
-    the keys of the rows that ran to the end (a failure is recorded in its row)."""
-    bar = _bar(progress, ROUNDS * len(calls), desc)
-    timings = interleaved(clock, calls, x, warmup, min_time,
+    """Time each of `timed` in interleaved rounds into its row (a progress bar on a terminal);
+    returns the keys of the rows that ran to the end (a failure is recorded in its row)."""
+    bar = _bar(progress, ROUNDS * len(timed), desc)
+    timings = interleaved(timed, warmup, min_time,
                           progress=(lambda key: (bar.set_postfix_str(key, refresh=False), bar.update())) if bar else None,
                           failed=lambda key, exc: rows[key].update(status="failed", reason=_error_line(exc)))
     if bar is not None:
@@ -293,8 +300,10 @@ def _time_rows(rows: dict[str, dict], calls: dict, clock: Clock, x, warmup: int,
 
 
 def _speedups(rows: list[dict]) -> None:
-    """Each timed row against every timed baseline row of the same shape: baseline p50 / row p50."""
-    baselines = [r for r in rows if r["backend"] in BASELINES and r["status"] == "ok" and r["p50_ms"]]
+    """Each timed row against every timed baseline row of the same shape: baseline p50 / row p50.
+    A baseline whose output is out of tolerance computes something else: no speed-up against it."""
+    baselines = [r for r in rows if r["backend"] in BASELINES and r["status"] == "ok" and r["p50_ms"]
+                 and r["within_tolerance"] is not False]
     for row in rows:
         if row["status"] == "ok" and row["p50_ms"]:
             row["speedup"] = {f"{r['backend']} {r['precision']}": r["p50_ms"] / row["p50_ms"]
@@ -312,9 +321,16 @@ def _end_to_end_rows(path: Path, volume, model, dev, task, precision, tile, warm
     slices = volume.shape[axis]
     shape = f"{slices}x{dims[0]}x{dims[1]}"
     tiled = tile or getattr(model, "default_tiles", {}).get(task)
-    backend = Restorer(model, task, device=dev, precision=precision).backend.name  # what infer's auto picks
-    rows, calls = {}, {}
-    clock = Clock(torch.device("cpu"))  # a file to file run is timed by the wall clock
+    if progress:
+        print("medir-fast bench: building the backend auto picks, for end-to-end rows", file=sys.stderr, flush=True)
+    try:
+        backend = Restorer(model, task, device=dev, precision=precision).backend.name  # what infer's auto picks
+    except Exception as exc:
+        row = _row("end-to-end", shape, precision, dev, 0)
+        row.update(kind="end-to-end", status="failed", reason=_error_line(exc))
+        return [row]
+    rows, timed = {}, {}
+    clock = Clock(dev)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "restored.nii.gz"
         for stream in (False, True):
@@ -336,8 +352,8 @@ def _end_to_end_rows(path: Path, volume, model, dev, task, precision, tile, warm
                     row.update(status="failed", reason=_error_line(exc))
                     continue
                 row.update(first_call_s=first, cold_start_s=first)
-                calls[variant] = call
-        _time_rows(rows, calls, clock, None, warmup, min_time, progress, f"end to end {path.name}", slices)
+                timed[variant] = Timed(call, None, clock)
+        _time_rows(rows, timed, warmup, min_time, progress, f"end to end {path.name}", slices)
     return list(rows.values())
 
 

@@ -44,6 +44,18 @@ def skip_reason(name: str, model: torch.nn.Module, device: torch.device, precisi
     return unavailable_reason(name, device, PRECISIONS[precision], model)
 
 
+class OfficialBackend(EagerBackend):
+    """The official algorithm in eager PyTorch, under autocast for fp16/bf16."""
+
+    name = "official"
+
+
+class CompiledOfficialBackend(EagerBackend):
+    """The official algorithm under `torch.compile` (compiled on its first call at each shape)."""
+
+    name = "compile"
+
+
 def build(name: str, model: torch.nn.Module, device: torch.device, precision: str, tile: int, task: str,
           batch: int) -> tuple[Call, object]:
     """(the row's callable, the backend object behind it or None)."""
@@ -51,11 +63,9 @@ def build(name: str, model: torch.nn.Module, device: torch.device, precision: st
         return bm3d_call, None
     dtype = PRECISIONS[precision]
     if name == "official":
-        backend = EagerBackend(official_model(model).to(device), device, dtype)
-        backend.name = "official"
+        backend = OfficialBackend(official_model(model).to(device), device, dtype)
     elif name == "compile":
-        backend = EagerBackend(torch.compile(official_model(model).to(device)), device, dtype)
-        backend.name = "compile"
+        backend = CompiledOfficialBackend(torch.compile(official_model(model).to(device)), device, dtype)
     else:
         backend = make_backend(name, model, device, dtype)
     if not tile:

@@ -6,13 +6,17 @@ computes it (../shared/reference/amir/README.md): the spatial routing sorts pixe
 synchronisations and data-dependent shapes at every routed level), runs each expert on its
 pixels only, combines with `log(sum_k g_k exp(E_k))` (an exactly-zero sum replaced by float64's
 epsilon), and computes the load-balancing loss even in eval mode; the LayerNorm is written out
-with mean and variance; nothing is kept float32 under autocast (where the official model fails).
-Eval mode only: this is a timing baseline, not something to train.
+with mean and variance; the routing runs in the autocast dtype (where the official model fails on
+CUDA, at its `scatter`). One difference is left: under autocast the prompt network and the first
+and last convolutions keep medir-fast's float32 islands (the official code would run them in the
+autocast dtype; on CUDA it has failed before that matters). Eval mode only: this is a timing
+baseline, not something to train.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from ..model.amir import AMIR, MoE, SpatialRouting, WithBiasLayerNorm, cv_squared
 
@@ -59,13 +63,21 @@ class OfficialWithBiasLayerNorm(WithBiasLayerNorm):
         return (x - mu) / torch.sqrt(sigma + 1e-5) * self.weight + self.bias
 
 
+OFFICIAL_FORWARD = {SpatialRouting: OfficialSpatialRouting, MoE: OfficialMoE, WithBiasLayerNorm: OfficialWithBiasLayerNorm}
+
+
+def as_official(module: nn.Module) -> nn.Module:
+    """The module itself, computing with the official forward from now on (its class swapped for
+    the subclass that only overrides `forward`: the same parameters, buffers and keys)."""
+    module.__class__ = OFFICIAL_FORWARD.get(type(module), type(module))
+    return module
+
+
 def official_model(model: AMIR) -> AMIR:
     """An eval-mode AMIR with `model`'s weights (a copy) that computes as the official code does."""
     official = AMIR(**model.config)
     official.load_state_dict(model.state_dict())
-    # the same modules and parameters, each with the official forward
-    swaps = {SpatialRouting: OfficialSpatialRouting, MoE: OfficialMoE, WithBiasLayerNorm: OfficialWithBiasLayerNorm}
     for module in official.modules():
-        module.__class__ = swaps.get(type(module), type(module))
+        as_official(module)
     param = next(model.parameters())
     return official.to(param.device, param.dtype).eval()

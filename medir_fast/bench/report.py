@@ -62,12 +62,19 @@ def _num(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def _memory(row: dict) -> str:
+    """The process's (CPU) or torch's (CUDA) peak during the row's calls, and the most one call added."""
+    if row["peak_mem_mb"] is None:
+        return ""
+    return f"{row['peak_mem_mb']:.0f} (+{row['added_mem_mb']:.0f})"
+
+
 def _speedup(row: dict, baseline: str) -> str:
     value = row.get("speedup", {}).get(baseline)
     return "" if value is None else f"{value:.2f}x"
 
 
-COLUMNS = ("backend", "precision", "shape", "p50 ms", "p10-p90 ms", "slices/s", "CPU ms", "peak MB", "cold s",
+COLUMNS = ("backend", "precision", "shape", "p50 ms", "p10-p90 ms", "slices/s", "CPU ms", "peak MB (+call)", "cold s",
            "rel L2", "vs official fp32", "vs eager fp32")
 
 
@@ -78,7 +85,7 @@ def cells(row: dict) -> list[str]:
         rel += f" (over {row['tolerance_rel_l2']:g})"
     return [row["backend"] + (f" ({row['variant']})" if row["variant"] else ""), row["precision"], row["shape"],
             f"{row['p50_ms']:.1f}", f"{row['p10_ms']:.1f}-{row['p90_ms']:.1f}", f"{row['slices_per_s']:.2f}",
-            _num(row["cpu_ms_p50"], ".0f"), _num(row["peak_mem_mb"], ".0f"), _num(row["cold_start_s"], ".1f"), rel,
+            _num(row["cpu_ms_p50"], ".0f"), _memory(row), _num(row["cold_start_s"], ".1f"), rel,
             _speedup(row, "official fp32"), _speedup(row, "eager fp32")]
 
 
@@ -114,8 +121,9 @@ def markdown(report: dict) -> str:
     if s.get("command"):
         head.append(f"- command: `{s['command']}`")
     head += ["- times per call: p50, p10-p90; on CUDA by CUDA events, on the CPU by the wall clock (CPU ms: all "
-             "threads); cold: from nothing to the first output (build included); rel L2 against eager fp32 on the "
-             "same input", ""]
+             "threads); peak MB: the process's resident memory (CPU) or torch's allocations (CUDA) during the row's "
+             "calls, + the most one call added; cold: from nothing to the first output (build included); rel L2 "
+             "against eager fp32 on the same input", ""]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in report["rows"] if row["status"] == "ok"]
     skipped = not_run(report["rows"])
@@ -142,12 +150,13 @@ def plot(report: dict, path: Path) -> None:
         for y, r in enumerate(rows):
             ax.errorbar([r["p50_ms"]], [y], xerr=[[r["p50_ms"] - r["p10_ms"]], [r["p90_ms"] - r["p50_ms"]]],
                         fmt="o", color=colours[r["kind"]], capsize=3)
-        ax.set_yticks(range(len(rows)), [f"{r['backend']}{' (' + r['variant'] + ')' if r['variant'] else ''} "
-                                         f"{r['precision']}" for r in rows])
+        ax.set_yticks(range(len(rows)), [
+            f"{r['backend']}{' (' + r['variant'] + ')' if r['variant'] else ''} {r['precision']}"
+            + (f"\n(wrong output: rel L2 {r['rel_l2']:.1g})" if r["within_tolerance"] is False else "") for r in rows])
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_xscale("log")
         ax.grid(axis="x", which="both", alpha=0.3)
-        ax.set_xlabel("ms per call (dot: median; whisker: p10-p90)")
+        ax.set_xlabel("ms per call (dot: median; whisker: p10-p90); grey: baselines, blue: medir-fast backends")
         ax.set_title(f"{shape} (BxHxW)", fontsize=10)
     machine = report["machine"]
     fig.suptitle(f"medir-fast bench, {report['settings']['model']}: "

@@ -90,17 +90,18 @@ class Clock:
     def call(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, timing: Timing | None = None):
         before = peak = None
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            cpu0 = time.process_time()
-            start.record()
-            out = fn(x)
-            end.record()
-            end.synchronize()
-            cpu_ms = (time.process_time() - cpu0) * 1e3
-            ms = start.elapsed_time(end)
-            peak = torch.cuda.max_memory_allocated(self.device)
+            with torch.cuda.device(self.device):  # the events on this device's stream
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                cpu0 = time.process_time()
+                start.record()
+                out = fn(x)
+                end.record()
+                end.synchronize()
+                cpu_ms = (time.process_time() - cpu0) * 1e3
+                ms = start.elapsed_time(end)
+                peak = torch.cuda.max_memory_allocated()
         else:
             if self.cpu_peak:
                 _CLEAR_REFS.write_text("5")
@@ -123,14 +124,26 @@ class Clock:
         return out, time.perf_counter() - t0
 
 
-def interleaved(clock: Clock, calls: dict[str, Callable], x: torch.Tensor, warmup: int, min_time: float,
-                progress: Callable[[str], None] | None = None, failed: Callable[[str, BaseException], None] | None = None,
-                ) -> dict[str, Timing]:
-    """Warm-up, then ROUNDS rounds in which each callable runs for about min_time / ROUNDS
-    seconds (at least one call), the order rotating from round to round. A callable that raises
-    is reported to `failed` and dropped."""
-    timings = {name: Timing() for name in calls}
-    live = list(calls)
+@dataclass
+class Timed:
+    """What one row times: `call(x)` on the row's own clock (a CPU baseline beside CUDA rows
+    is timed by the wall clock, with the process's resident memory)."""
+
+    call: Callable
+    x: object
+    clock: Clock
+
+    def __call__(self, timing: Timing | None = None) -> float:
+        return self.clock.call(self.call, self.x, timing)[1]
+
+
+def interleaved(rows: dict[str, Timed], warmup: int, min_time: float, progress: Callable[[str], None] | None = None,
+                failed: Callable[[str, BaseException], None] | None = None) -> dict[str, Timing]:
+    """Warm-up, then ROUNDS rounds in which each row runs for about min_time / ROUNDS seconds
+    (at least one call), the order rotating from round to round. A row that raises is
+    reported to `failed` and dropped."""
+    timings = {name: Timing() for name in rows}
+    live = list(rows)
 
     def guarded(name, body):
         try:
@@ -143,7 +156,7 @@ def interleaved(clock: Clock, calls: dict[str, Callable], x: torch.Tensor, warmu
 
     for _ in range(warmup):
         for name in list(live):
-            guarded(name, lambda: clock.call(calls[name], x))
+            guarded(name, rows[name])
     share = min_time / ROUNDS
     for r in range(ROUNDS):
         order = live[r % len(live):] + live[:r % len(live)] if live else []
@@ -151,8 +164,7 @@ def interleaved(clock: Clock, calls: dict[str, Callable], x: torch.Tensor, warmu
             def run_share(name=name):
                 spent = 0.0
                 while True:
-                    _, ms, _ = clock.call(calls[name], x, timings[name])
-                    spent += ms / 1e3
+                    spent += rows[name](timings[name]) / 1e3
                     if spent >= share:
                         break
             if name in live:
