@@ -203,3 +203,30 @@ def test_inductor_miscompiles_the_official_combination():
     if wrong:
         pytest.xfail("inductor computes log(eps) where the sums are positive")
     pytest.fail("inductor now compiles the official combination correctly: revisit DEFAULTS['cpu'] and RESULTS.md")
+
+
+def test_sigint_while_timing_writes_nothing(tmp_path, tiny_weights):
+    """Interrupted mid-run: exit 130, one line, no report file and no temporary left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .test_signals import WAIT, _catches_our_signals, _wait_for
+
+    cmd = [sys.executable, "-m", "medir_fast.cli", "bench", "--weights", str(tiny_weights), "--shapes", "1x16x16",
+           "--device", "cpu", "--backends", "official,eager", "--min-time", "60", "--json", str(tmp_path / "b.json"),
+           "--markdown", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(lambda: _catches_our_signals(proc.pid), proc, "signal handlers")
+        time.sleep(6.0)  # imports done, rows being timed
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1 and "nothing was written" in lines[0], err
+    assert list(tmp_path.iterdir()) == []
