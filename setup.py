@@ -25,14 +25,21 @@ setup(
         "nibabel>=5.0",
         "tqdm>=4.60",
         "pillow>=9.0",  # also decodes the JPEG 2000 CT slice of the other-volume test set
-        "pydicom>=3.0",  # the other patients' CT slices (DICOM) in the other-volume test set
+        "pydicom>=3.0",  # DICOM series in and out; the other patients' CT slices in the other-volume test set
+        # DICOM's compressed transfer syntaxes, through pydicom's decoders: GDCM (BSD) for JPEG lossless and
+        # lossy, JPEG-LS and JPEG 2000; pylibjpeg with OpenJPEG (MIT) for High-Throughput JPEG 2000
+        "python-gdcm>=3.0.24",
+        "pylibjpeg>=2.0",
+        "pylibjpeg-openjpeg>=2.3",
         "scipy>=1.10",  # PET simulation and the Gaussian baseline
         "onnx>=1.17",  # ONNX engines (export --format onnx, the onnxruntime backend)
         "onnxscript>=0.5",  # what PyTorch's ONNX exporter translates with
         "onnxruntime>=1.20",  # the onnxruntime backend (its CPU provider; onnxruntime-gpu in its place adds CUDA)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0", "bm3d>=4.0", "scikit-image>=0.22", "matplotlib>=3.7"],
+        # pydicom-data: pydicom's larger test files (enhanced multi-frame CT, JPEG 2000 CT) for the DICOM tests
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0", "bm3d>=4.0", "scikit-image>=0.22", "matplotlib>=3.7",
+                "pydicom-data>=1.0"],
         # medir-fast bench: the BM3D baseline (its noise level from scikit-image) and --plot
         "bench": ["bm3d>=4.0", "scikit-image>=0.22", "matplotlib>=3.7"],
         # ONNX Runtime's CUDA provider; it holds the same module as onnxruntime (see README)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import weights as shipped
-from .io import NAN_POLICIES, NIFTI_SUFFIXES, OUT_DTYPES, Volume, read_volume, save_volume
+from .io import (NAN_POLICIES, NIFTI_SUFFIXES, OUT_DTYPES, Volume, input_paths, is_nifti_input, is_nifti_path,
+                 read_input, save_volume)
 from .model import AMIR, build_model, read_state_dict, unwrap_state_dict
 from .outputs import Outputs
 from .restorer import MIN_SIZE, InputError, Restorer
-from .tasks import TASKS, get_task
+from .tasks import TASKS, Task, get_task
+
+if TYPE_CHECKING:
+    from .io.dicom import DicomVolume
 
 log = logging.getLogger("medir_fast")
 
@@ -48,7 +53,7 @@ def load_model(weights: str | Path | dict | None = None, config: dict | None = N
 
 
 def restore_file(
-    input_path: str | Path,
+    input_path: str | Path | Sequence[str | Path],
     output_path: str | Path,
     task: str,
     weights: str | Path | None = None,
@@ -57,16 +62,24 @@ def restore_file(
     scale: int | None = None,
     intensity_range: tuple[float, float] | None = None,
     frame: int | None = None,
+    series: str | None = None,
+    force_task: bool = False,
     nan_policy: str = "error",
-    out_dtype: str = "float32",
+    out_dtype: str | None = None,
     overwrite: bool = False,
     preview: str | Path | None = None,
     stream: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     **restorer_options,
 ) -> Path:
-    """Restore a NIfTI volume (or 2-D image) into a new NIfTI file with the same geometry.
+    """Restore a NIfTI volume (or 2-D image) or a DICOM series into a new NIfTI file or DICOM
+    series with the same geometry.
 
+    input_path: a NIfTI file, or a DICOM series: folders (searched recursively) or files; series
+    picks one series by its SeriesInstanceUID, force_task runs a task on another modality's series
+    (see `io.dicom.read_series`). output_path: a .nii/.nii.gz file, or (DICOM input only) a folder
+    that receives the derived series whole. out_dtype: 'float32' or 'input' for NIfTI output
+    (default float32); a DICOM series is always written in the input's stored type and rescale.
     restorer_options go to `Restorer` (backend, device, precision, batch_size, tile, self_ensemble),
     with the same meanings there.
     stream: run the slices through the C++ streaming runtime (file reading overlaps compute).
@@ -88,17 +101,30 @@ def restore_file(
         raise InputError("--stream does not resample: leave out --scale or --stream")
     if nan_policy not in NAN_POLICIES:
         raise InputError(f"unknown NaN policy {nan_policy!r}; use one of {', '.join(NAN_POLICIES)}")
-    if out_dtype not in OUT_DTYPES:
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
         raise InputError(f"unknown output dtype {out_dtype!r}; use one of {', '.join(OUT_DTYPES)}")
     if intensity_range is not None:
         task_preset = task_preset.with_range(*intensity_range)
-    volume = read_volume(input_path, frame=frame)
-    axis = _check_axis(volume, axis)
-    with Outputs([volume.path], overwrite) as outputs:
-        output_path = outputs.add(output_path, "output", NIFTI_SUFFIXES)
+    dicom_in, dicom_out = not is_nifti_input(input_path), not is_nifti_path(output_path)
+    if dicom_out and not dicom_in:
+        raise InputError(f"a NIfTI input is written as NIfTI: the output must end in {' or '.join(NIFTI_SUFFIXES)} "
+                         f"({output_path}); DICOM output needs a DICOM input")
+    if dicom_in and out_dtype is not None:
+        raise InputError("--out-dtype is for NIfTI input: a DICOM series keeps its stored type and rescale "
+                         "(write DICOM), or comes out as float32 (write NIfTI)")
+    if dicom_out and Path(output_path).suffix.lower() in (".dcm", ".dicom", ".ima"):
+        raise InputError(f"a derived series is a folder of files: give a folder name, not {output_path}")
+    with Outputs(input_paths(input_path), overwrite) as outputs:
+        output_path = outputs.add(output_path, "output", None if dicom_out else NIFTI_SUFFIXES, folder=dicom_out)
         if preview is not None:
             preview = outputs.add(preview, "preview", (".png",))
-        restorer = Restorer(model if model is not None else load_model(weights), task_preset, **restorer_options)
+        volume = read_input(input_path, task_preset, frame, series, force_task, intensity_range is not None)
+        axis = _check_axis(volume, axis)
+        if dicom_out and scale is not None and axis != volume.slice_axis():
+            raise InputError("--scale with --axis other than the series' slices cannot be written as DICOM; write NIfTI")
+        weights_name = "a model object" if model is not None else Path(str(weights or "default")).name
+        model = model if model is not None else load_model(weights)
+        restorer = Restorer(model, task_preset, **restorer_options)
 
         nonfinite, outside, total = _scan(volume, axis, task_preset)
         if intensity_range is not None and total and outside / total > 0.01:
@@ -106,19 +132,43 @@ def restore_file(
                         100 * outside / total, task_preset.lo, task_preset.hi)
         if nonfinite and nan_policy == "error":
             raise InputError(f"{volume.path} has {nonfinite} NaN/Inf voxels; pass --nan-policy zero to replace them with 0")
+        for note in getattr(volume, "notes", ()):  # a DICOM reader's, now that the input is accepted
+            log.warning("%s", note)
         restored = _restore(volume, axis, restorer, scale, stream, nan_policy if nonfinite else "error", progress)
 
-        refine = None
-        if scale is not None:
-            in_plane = tuple(i for i in range(len(volume.shape)) if i != axis) if len(volume.shape) == 3 else (0, 1)
-            refine = (in_plane, scale)
-        save_volume(outputs.temporary(output_path), restored, volume, refine, out_dtype)
+        if dicom_out:
+            from .io.dicom import write_series
+
+            write_series(outputs.temporary(output_path), restored, volume, _series_description(volume, task_preset),
+                         _derivation(model, weights_name, task_preset, volume.unit), scale)
+        else:
+            refine = None
+            if scale is not None:
+                in_plane = tuple(i for i in range(len(volume.shape)) if i != axis) if len(volume.shape) == 3 else (0, 1)
+                refine = (in_plane, scale)
+            save_volume(outputs.temporary(output_path), restored, volume, refine, out_dtype or "float32")
         if preview is not None:
             from .preview import write_preview
 
             write_preview(outputs.temporary(preview), volume, restored, axis, task_preset, scale)
         outputs.commit()
     return output_path
+
+
+def _series_description(volume: "DicomVolume", task: Task) -> str:
+    """"<original> (medir-fast <task>)", the original shortened to fit the 64 characters of a LO."""
+    suffix = f" (medir-fast {task.name})"
+    original = str(volume.slices[0].header.get("SeriesDescription", "")).strip()
+    return (original[: 64 - len(suffix)] + suffix).strip()
+
+
+def _derivation(model: AMIR, weights_name: str, task: Task, unit: str) -> str:
+    """What made a derived series: the tool, the task and range, the model and its weights' sha256."""
+    from . import __version__
+    from .export.metadata import weights_sha256
+
+    return (f"restored by medir-fast {__version__} ({task.name}, range [{task.lo:g}, {task.hi:g}] {unit}): "
+            f"AMIR, weights {weights_name} sha256 {weights_sha256(model)}")
 
 
 def _restore(volume: Volume, axis: int, restorer: Restorer, scale, stream: bool, nan_policy: str, progress) -> np.ndarray:

@@ -22,7 +22,7 @@ EXIT_CODES = ("exit codes: 0 done; 2 bad input or arguments (one line on stderr,
 # name -> (help, module (None: this one), its function adding the arguments, its function running
 # them -> exit code). Only the chosen subcommand's module is imported: `infer` never loads the lab.
 SUBCOMMANDS = {
-    "infer": ("restore a NIfTI volume", None, "add_infer_arguments", "run_infer"),
+    "infer": ("restore a NIfTI volume or a DICOM series", None, "add_infer_arguments", "run_infer"),
     "info": ("versions, devices, backends and shipped weights; or what an engine file was built from", None,
              "add_info_arguments", "run_info"),
     "example": ("fetch real anatomy (package registries) and write a degraded example volume", None,
@@ -62,13 +62,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             ValueError, OSError, ImportError)
 
 
-def _default_output(input_path: str, task: str) -> Path:
-    path = Path(input_path)
+def _default_output(inputs: list[str], task: str) -> Path:
+    """INPUT_<task>.nii.gz beside a NIfTI file; a DICOM series: the folder FOLDER_<task> beside
+    the input folder (or beside the folder of the input files)."""
+    path = Path(inputs[0])
     name = path.name
     for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
+        if name.lower().endswith(suffix) and len(inputs) == 1:
             return path.with_name(f"{name[: -len(suffix)]}_{task}{suffix}")
-    return path.with_name(f"{name}_{task}.nii.gz")
+    folder = (path if len(inputs) == 1 and path.is_dir() else path.parent).resolve()  # "." has no name
+    return folder.with_name(f"{folder.name}_{task}")
 
 
 def _progress_factory(enabled: bool):
@@ -98,8 +101,17 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     from .io import NAN_POLICIES, OUT_DTYPES
     from .tasks import SCALES, TASKS
 
-    p.add_argument("input", help="input NIfTI volume or 2-D image (.nii or .nii.gz)")
-    p.add_argument("-o", "--output", help="output NIfTI path (default: INPUT_<task>.nii.gz beside the input)")
+    p.add_argument("input", nargs="+",
+                   help="a NIfTI volume or 2-D image (.nii or .nii.gz), or a DICOM series: folders (searched "
+                        "recursively) or files")
+    p.add_argument("-o", "--output",
+                   help="a NIfTI file (.nii, .nii.gz), or for DICOM input a folder for the derived series (default: "
+                        "INPUT_<task>.nii.gz beside a NIfTI input, the folder FOLDER_<task> beside a DICOM one)")
+    p.add_argument("--series", metavar="UID", default=None,
+                   help="the SeriesInstanceUID of the series to restore, when the DICOM input holds several")
+    p.add_argument("--force-task", action="store_true",
+                   help="run the task on a DICOM series of another modality (CT for ct_denoise, MR for mri_sr, "
+                        "PT for pet_synthesis)")
     p.add_argument("--task", required=True, choices=list(TASKS), help="restoration task (sets the intensity range)")
     p.add_argument("--weights", help="a shipped model name (default, slim) or a checkpoint file (default: the shipped default)")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="inference backend")
@@ -125,9 +137,10 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame", type=int, default=None, help="frame of a 4-D input to restore")
     p.add_argument("--nan-policy", default="error", choices=NAN_POLICIES,
                    help="NaN/Inf voxels: refuse the input, or replace them with 0")
-    p.add_argument("--out-dtype", default="float32", choices=OUT_DTYPES,
-                   help="output data type: float32, or the input's type with its scaling")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--out-dtype", default=None, choices=OUT_DTYPES,
+                   help="NIfTI output from NIfTI input: float32 (the default), or the input's type with its scaling. "
+                        "A DICOM series is written in its input's stored type and rescale")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file or non-empty folder")
     p.add_argument("--stream", action="store_true",
                    help="restore through the C++ streaming runtime, overlapping file reading with compute")
     p.add_argument("--preview", metavar="PNG", default=None,
@@ -142,7 +155,8 @@ def run_infer(args: argparse.Namespace) -> int:
         args.input, output, args.task,
         weights=args.weights, axis=args.axis, scale=args.scale,
         intensity_range=tuple(args.range) if args.range else None,
-        frame=args.frame, nan_policy=args.nan_policy, out_dtype=args.out_dtype,
+        frame=args.frame, series=args.series, force_task=args.force_task, nan_policy=args.nan_policy,
+        out_dtype=args.out_dtype,
         overwrite=args.overwrite, preview=args.preview, stream=args.stream,
         progress=_progress_factory(sys.stderr.isatty()),
         backend=args.backend, device=args.device, precision=args.precision,
@@ -175,8 +189,13 @@ def run_info(args: argparse.Namespace) -> int:
     from .tasks import TASKS
 
     print(f"medir-fast {__version__}")
+    import pydicom
+
+    from .io.dicom import supported_transfer_syntaxes
+
     print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
-          f"nibabel {nibabel.__version__}")
+          f"nibabel {nibabel.__version__}, pydicom {pydicom.__version__}")
+    print("DICOM transfer syntaxes decoded: " + ", ".join(s.name for s in supported_transfer_syntaxes()))
     try:
         import triton
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -107,8 +108,8 @@ class Outputs:
         # leaving the block by an error or a signal removes every temporary
 
     A target is refused when it is an input (also through a symlink or hard link), another
-    target, a folder, an existing file without `overwrite`, or in a folder that is missing or
-    cannot be written to.
+    target, inside a folder target, a folder (unless added as one), an existing file without
+    `overwrite`, or in a folder that is missing or cannot be written to.
     """
 
     def __init__(self, inputs: Iterable[str | Path] = (), overwrite: bool = False):
@@ -117,39 +118,64 @@ class Outputs:
         self.targets: dict[Path, str] = {}  # target -> what it is ("output", "preview")
         self.pending: dict[Path, Path] = {}  # target -> its finished temporary
         self._temporaries: list[Path] = []  # every temporary made, registered before it exists
+        self.folders: set[Path] = set()  # the targets that are folders
 
-    def add(self, path: str | Path, what: str = "output", suffixes: tuple[str, ...] | None = None) -> Path:
+    def add(self, path: str | Path, what: str = "output", suffixes: tuple[str, ...] | None = None,
+            folder: bool = False) -> Path:
         """Check a target path now, before any work; returns it as a Path. `what` names it in
-        messages; `suffixes`, when given, are the endings it must have."""
+        messages; `suffixes`, when given, are the endings it must have. folder=True: the target
+        is a folder written whole (a DICOM series); an existing empty folder is replaced freely,
+        a non-empty one only with `overwrite`, and it may neither hold an input nor lie in one."""
         path = Path(path)
         if suffixes and not path.name.lower().endswith(suffixes):
             raise OutputError(f"{what} must end in {' or '.join(suffixes)}: {path}")
-        if path.is_dir():
+        if folder:
+            self._check_folder(path, what)
+        elif path.is_dir():
             raise OutputError(f"{what} {path} is a folder; give a file name")
-        folder = path.parent
-        if not folder.is_dir():
-            raise OutputError(f"{what} folder does not exist: {folder}")
+        parent = path.parent
+        if not parent.is_dir():
+            raise OutputError(f"{what} folder does not exist: {parent}")
         for source in self.inputs:
             if same_file(path, source) or path.absolute() == source.absolute():
                 raise OutputError(f"{what} {path} is the input {source}; the input is never overwritten")
         for other, other_what in self.targets.items():
             if same_file(path, other) or path.absolute() == other.absolute():
                 raise OutputError(f"{what} {path} is also the {other_what}")
-        if os.path.lexists(path) and not self.overwrite:
+            folders = [f for f, is_folder in ((path, folder), (other, other in self.folders)) if is_folder]
+            if any(f.resolve() in p.resolve().parents for f in folders for p in (path, other)):
+                raise OutputError(f"{what} {path} and the {other_what} {other}: a file cannot go inside the folder "
+                                  "written as a whole")
+        if not folder and os.path.lexists(path) and not self.overwrite:
             raise OutputError(f"{what} {path} exists; pass --overwrite to replace it")
         try:
-            self._remove(self._new_temporary(path))
+            self._remove(self._new_temporary(path, folder=folder))
         except OSError as exc:
-            raise OutputError(f"{what} folder is not writable: {folder} ({exc.strerror})") from exc
+            raise OutputError(f"{what} folder is not writable: {parent} ({exc.strerror})") from exc
         self.targets[path] = what
+        if folder:
+            self.folders.add(path)
         return path
 
+    def _check_folder(self, path: Path, what: str) -> None:
+        target = path.resolve()
+        for source in self.inputs:
+            source = source.resolve()
+            if target == source or target in source.parents:
+                raise OutputError(f"{what} folder {path} holds the input {source}; the input is never overwritten")
+            if source in target.parents:
+                raise OutputError(f"{what} folder {path} is inside the input folder {source}; write it elsewhere")
+        if os.path.lexists(path) and not path.is_dir():
+            raise OutputError(f"{what} {path} exists and is not a folder")
+        if path.is_dir() and any(path.iterdir()) and not self.overwrite:
+            raise OutputError(f"{what} folder {path} exists and is not empty; pass --overwrite to replace it")
+
     def temporary(self, target: Path) -> Path:
-        """A new empty file beside `target` (same suffix, plain-create permissions) that `commit`
-        renames onto it."""
+        """A new empty file (or folder) beside `target` (same suffix, plain-create permissions)
+        that `commit` renames onto it."""
         if target not in self.targets:
             raise ValueError(f"{target} was not added as an output")
-        self.pending[target] = self._new_temporary(target)
+        self.pending[target] = self._new_temporary(target, folder=target in self.folders)
         return self.pending[target]
 
     def commit(self) -> list[Path]:
@@ -183,6 +209,8 @@ class Outputs:
     def _place(self, target: Path, tmp: Path) -> Path | None:
         """Move `tmp` onto `target`; the file it replaced, linked aside (None if there was none)."""
         what = self.targets[target]
+        if target in self.folders:
+            return self._place_folder(target, tmp)
         if not os.path.lexists(target):
             try:
                 os.link(tmp, target)  # fails if the target appeared meanwhile, unlike a rename
@@ -210,14 +238,44 @@ class Outputs:
         os.replace(tmp, target)
         return backup
 
+    def _place_folder(self, target: Path, tmp: Path) -> Path | None:
+        """Rename the folder `tmp` onto `target`; a folder already there (empty, or full with
+        `overwrite`) is first moved aside, so that it can be put back. A folder that appears
+        meanwhile makes the rename fail."""
+        what = self.targets[target]
+        if os.path.lexists(target) and not target.is_dir():
+            raise OutputError(f"{what} {target} became a file during the run")
+        backup = None
+        if target.is_dir():
+            if any(target.iterdir()) and not self.overwrite:
+                raise OutputError(f"{what} folder {target} filled during the run; pass --overwrite to replace it")
+            backup = self._new_temporary(target, create=False, folder=True)
+            os.replace(target, backup)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            if backup is not None:
+                self._temporaries.remove(backup)  # never deleted: until it is back, it is the only copy
+                try:
+                    os.replace(backup, target)
+                except OSError:
+                    raise OutputError(f"could not put back the folder being replaced: {target} is at {backup}") from exc
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OutputError(f"{what} folder {target} filled during the run; pass --overwrite to replace it") from None
+            raise
+        self._temporaries.remove(tmp)
+        return backup
+
     def _roll_back(self, placed: list[tuple[Path, Path | None]]) -> None:
         """Undo `_place` for every target; a file that cannot be put back keeps its backup, named."""
         stranded = []
         for target, backup in reversed(placed):
             try:
-                if backup is None:
+                if target in self.folders:
+                    shutil.rmtree(target, ignore_errors=True)
+                elif backup is None:
                     target.unlink(missing_ok=True)
-                else:
+                if backup is not None:
                     os.replace(backup, target)
                     self._temporaries.remove(backup)
             except OSError:
@@ -241,17 +299,22 @@ class Outputs:
     def __exit__(self, *exc) -> None:
         self.discard()
 
-    def _new_temporary(self, target: Path, create: bool = True) -> Path:
+    def _new_temporary(self, target: Path, create: bool = True, folder: bool = False) -> Path:
         name = target.name
-        suffix = name[-7:] if name.lower().endswith(".nii.gz") else target.suffix  # what writers go by
+        suffix = "" if folder else name[-7:] if name.lower().endswith(".nii.gz") else target.suffix  # what writers go by
         tmp = target.with_name(f".{name[: len(name) - len(suffix)]}.{secrets.token_hex(4)}.partial{suffix}")
         self._temporaries.append(tmp)  # before it exists: a signal can never orphan it
-        if create:
+        if create and folder:
+            os.mkdir(tmp, 0o777)
+        elif create:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         return tmp
 
     def _remove(self, tmp: Path) -> None:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
         if tmp in self._temporaries:
             self._temporaries.remove(tmp)
 

@@ -24,6 +24,7 @@ class Task:
     unit: str
     description: str
     scales: tuple[int, ...] = ()  # in-plane upsampling factors the task takes (mri_sr: --scale)
+    dicom_modality: str = ""  # DICOM's Modality (0008,0060) of the series the task restores
 
     def normalize(self, x: np.ndarray | "torch.Tensor"):
         """Physical units -> network input in [0, 1] (float32)."""
@@ -43,9 +44,11 @@ class Task:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("ct_denoise", "CT", -1024.0, 3071.0, (-160.0, 240.0), "HU", "low-dose CT denoising"),
-        Task("mri_sr", "MRI", 0.0, 4095.0, (0.0, 4095.0), "a.u.", "MRI super-resolution (x2 or x4)", scales=(2, 4)),
-        Task("pet_synthesis", "PET", 0.0, 20.0, (0.0, 20.0), "SUV", "low-dose to standard-dose PET synthesis"),
+        Task("ct_denoise", "CT", -1024.0, 3071.0, (-160.0, 240.0), "HU", "low-dose CT denoising", dicom_modality="CT"),
+        Task("mri_sr", "MRI", 0.0, 4095.0, (0.0, 4095.0), "a.u.", "MRI super-resolution (x2 or x4)", scales=(2, 4),
+             dicom_modality="MR"),
+        Task("pet_synthesis", "PET", 0.0, 20.0, (0.0, 20.0), "SUV", "low-dose to standard-dose PET synthesis",
+             dicom_modality="PT"),
     )
 }
 

@@ -90,7 +90,7 @@ OK = _shaped((16, 16, 2))
 # case -> (make input in the folder, extra arguments ({tmp} = the folder, {bad} = misfit weights), message)
 BAD_INPUTS = {
     "missing file": (lambda t: t / "nope.nii.gz", [], "input not found"),
-    "not nifti": (_text_file, [], "not a NIfTI file"),
+    "neither NIfTI nor DICOM": (_text_file, [], "neither DICOM nor NIfTI"),
     "garbage nifti": (_garbage_nifti, [], "cannot read"),
     "truncated gz": (_truncated, [], "cannot read"),
     "4-D without frame": (_shaped((16, 16, 2, 3)), [], "--frame"),
@@ -166,9 +166,10 @@ def test_help_lists_every_option_with_default(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for option in ["--task", "--weights", "--backend", "--device", "--precision", "--batch-size", "--tile",
-                   "--axis", "--scale", "--range", "--frame", "--nan-policy", "--out-dtype", "--overwrite", "--preview"]:
+                   "--axis", "--scale", "--range", "--frame", "--nan-policy", "--out-dtype", "--overwrite", "--preview",
+                   "--series", "--force-task"]:
         assert option in text
-    assert "(default: auto)" in text and "(default: float32)" in text
+    assert "(default: auto)" in text and "float32 (the default)" in " ".join(text.split())
 
 
 def test_info_lists_versions_backends_and_weights(capsys):

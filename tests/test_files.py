@@ -125,7 +125,7 @@ def test_existing_output_needs_overwrite_and_input_is_never_overwritten(tmp_path
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, ct_volume, tiny_model, monkeypatch):
-    import medir_fast.io as io
+    import medir_fast.io.nifti as io
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -137,7 +137,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, ct_volume, tiny_model, mo
 
 def test_a_file_that_does_not_read_back_is_never_committed(tmp_path, ct_volume, tiny_model, monkeypatch):
     """The read-back check catches a writer that gets the byte order wrong (as it once did)."""
-    import medir_fast.io as io
+    import medir_fast.io.nifti as io
 
     real = io.array_to_file
 

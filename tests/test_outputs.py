@@ -138,6 +138,44 @@ def test_commit_is_all_or_none_and_puts_replaced_files_back(tmp_path, monkeypatc
     assert files_in(tmp_path) == ["a.nii"] and first.read_bytes() == b"old a"
 
 
+def test_a_folder_is_committed_whole_and_put_back_when_a_later_target_fails(tmp_path, monkeypatch):
+    """A series' folder replaces a full one only as a whole, and the old one comes back if the
+    commit fails after it was placed (here: the preview after it)."""
+    series, preview = tmp_path / "series", tmp_path / "p.png"
+    series.mkdir()
+    (series / "old.dcm").write_bytes(b"old")
+    real = os.replace
+
+    def failing(src, dst, **kwargs):
+        if Path(dst) == preview:
+            raise OSError(28, "no space left on device")
+        return real(src, dst, **kwargs)
+    with Outputs([], overwrite=True) as outputs:
+        folder = outputs.add(series, "output", folder=True)
+        (outputs.temporary(folder) / "IM00001.dcm").write_bytes(b"new")
+        outputs.temporary(outputs.add(preview, "preview", (".png",))).write_bytes(b"png")
+        monkeypatch.setattr(os, "replace", failing)
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "no space left on device")))
+        with pytest.raises(OSError, match="no space"):
+            outputs.commit()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series"] and files_in(series) == ["old.dcm"]
+    with Outputs([], overwrite=True) as outputs:
+        folder = outputs.add(series, "output", folder=True)
+        (outputs.temporary(folder) / "IM00001.dcm").write_bytes(b"new")
+        outputs.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series"] and files_in(series) == ["IM00001.dcm"]
+
+
+def test_an_interrupted_folder_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with Outputs([]) as outputs:
+            target = outputs.add(tmp_path / "series", "output", folder=True)
+            (outputs.temporary(target) / "IM00001.dcm").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_leaving_by_an_error_removes_every_temporary(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         with Outputs([]) as outputs:

@@ -99,3 +99,39 @@ def test_signal_leaves_nothing_behind(tmp_path, volume, sig, moment, stream):
     else:
         assert "nothing was written" in lines[0]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+def _series_being_written(folder: Path) -> bool:
+    """A temporary series folder that already holds a file."""
+    try:
+        return any(p.is_dir() and ".partial" in p.name and any(p.iterdir()) for p in folder.iterdir())
+    except OSError:  # renamed or removed while looking
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_a_dicom_series_is_written_leaves_no_folder(tmp_path, volume, sig):
+    from .dicom_series import write_series
+
+    image = nib.load(volume)
+    write_series(tmp_path / "in", np.asarray(image.dataobj).clip(-1024, 3000).round(), image.affine, "CT")
+    before = {p: p.read_bytes() for p in (tmp_path / "in").iterdir()}
+    cmd = [sys.executable, "-m", "medir_fast.cli", "infer", str(tmp_path / "in"), "--task", "ct_denoise", "--weights",
+           str(DATA / "tiny_state_dict.pth"), "-o", str(tmp_path / "out"), "--batch-size", "8"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(lambda: _catches_our_signals(proc.pid), proc, "signal handlers")
+        _wait_for(lambda: _series_being_written(tmp_path), proc, "temporary series being written")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 128 + sig and len(lines) == 1 and f"interrupted by {sig.name}" in lines[0], err
+    assert {p: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
+    if "after writing" in lines[0]:  # it came while the finished folder was being renamed: complete
+        assert len(list((tmp_path / "out").iterdir())) == 24
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    else:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

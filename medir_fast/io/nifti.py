@@ -2,7 +2,7 @@
 outputs checked and verified before they are committed.
 
 `read_volume` validates the header (dimensions, datatype, voxel offset, and that the file really
-holds the bytes the header claims) before nibabel sizes any buffer from it. A `Volume` wraps a
+holds the bytes the header claims) before nibabel sizes any buffer from it. A `NiftiVolume` wraps a
 nibabel image without loading its voxels; `slabs()` reads consecutive groups of slices along an
 axis, so a large volume is never held whole in float. `save_volume` writes in native byte order
 only values that are finite and representable in the output type, and reads the file back: every
@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -26,11 +23,11 @@ from nibabel.nifti1 import data_type_codes
 from nibabel.openers import Opener
 from nibabel.volumeutils import array_to_file, native_code
 
-from .errors import first_line
+from ..errors import first_line
+from .volume import Volume, VolumeError, as_float32, read_errors
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-F32_MAX = float(np.finfo(np.float32).max)
 # NaN or +-Inf voxels in an input, at every layer (restore_file, --nan-policy, the streaming runtime):
 # 'error' refuses them (counted); 'zero' replaces them with 0 in physical units before clip-and-scale.
 NAN_POLICIES = ("error", "zero")
@@ -38,22 +35,11 @@ OUT_DTYPES = ("float32", "input")
 HEADER_CLASSES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}  # sizeof_hdr -> header class
 
 
-class VolumeError(ValueError):
-    """A file that cannot be read or written as asked; the message is meant for the user."""
-
-
-def _read_errors():
-    return (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError,
-            nib.spatialimages.HeaderDataError)
-
-
-@dataclass
-class Volume:
+class NiftiVolume(Volume):
     """A NIfTI image on disk: header and affine, voxels read lazily (one frame of a 4-D image)."""
 
-    path: Path
-    image: nib.Nifti1Image
-    frame: int | None = None
+    def __init__(self, path: Path, image: nib.Nifti1Image, frame: int | None = None):
+        self.path, self.image, self.frame = path, image, frame
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -68,42 +54,16 @@ class Volume:
     def header(self):
         return self.image.header
 
-    def slice_axis(self) -> int:
-        """The voxel axis closest to the patient's superior-inferior direction (per the affine)."""
-        if len(self.shape) == 2:
-            return 0
-        with np.errstate(all="ignore"):  # a degenerate (zero or huge) column counts as no direction
-            directions = np.nan_to_num(np.abs(self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)))
-        return int(np.argmax(directions[2]))
-
-    def slabs(self, axis: int, size: int) -> Iterator[np.ndarray]:
-        """Consecutive float32 slabs [n <= size, ...in-plane] along `axis`, in physical units."""
-        for start in range(0, self.shape[axis], size):
-            yield self.slab(axis, start, min(start + size, self.shape[axis]))
-
     def slab(self, axis: int, start: int, stop: int) -> np.ndarray:
-        """Slices start..stop-1 along `axis` as float32 [n, ...in-plane], in physical units."""
         index = [slice(None)] * len(self.shape)
         index[axis] = slice(start, stop)
         if self.frame is not None:
             index.append(self.frame)
         try:
             stored = np.asarray(self.image.dataobj[tuple(index)])
-        except _read_errors() as exc:
+        except read_errors() as exc:
             raise VolumeError(f"cannot read the voxels of {self.path} (truncated or corrupt file?): {first_line(exc)}") from exc
-        # Finite values beyond float32 become its largest value, not inf: they are clipped to the
-        # task's range like any other value, while a stored NaN or inf stays one.
-        with np.errstate(over="ignore", invalid="ignore"):
-            slab = stored.astype(np.float32)
-        if stored.dtype.kind == "f" and stored.dtype.itemsize > 4:
-            overflow = np.isinf(slab) & np.isfinite(stored)
-            slab[overflow] = np.copysign(F32_MAX, stored[overflow])
-        return np.moveaxis(slab, axis, 0)
-
-    def read(self) -> np.ndarray:
-        """The whole volume as float32 (small volumes: 2-D images, previews, tests)."""
-        return next(self.slabs(0, self.shape[0]))
-
+        return np.moveaxis(as_float32(stored), axis, 0)
 
 
 def is_nifti_path(path: str | Path) -> bool:
@@ -122,7 +82,7 @@ def check_header(path: Path) -> None:
     try:
         with Opener(path) as f:
             raw = f.read(540)
-    except _read_errors() as exc:
+    except read_errors() as exc:
         raise VolumeError(f"cannot read {path} as NIfTI: {first_line(exc)}") from exc
     found = [(HEADER_CLASSES[int.from_bytes(raw[:4], order)], code)
              for order, code in (("little", "<"), ("big", ">")) if int.from_bytes(raw[:4], order) in HEADER_CLASSES]
@@ -178,12 +138,12 @@ def _bytes_available(path: Path) -> int:
         with gzip.open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 count += len(chunk)
-    except _read_errors() as exc:
+    except read_errors() as exc:
         raise VolumeError(f"cannot read {path} (truncated or corrupt file?): {first_line(exc)}") from exc
     return count
 
 
-def read_volume(path: str | Path, frame: int | None = None) -> Volume:
+def read_volume(path: str | Path, frame: int | None = None) -> NiftiVolume:
     """Open a NIfTI file: the header checked (`check_header`), voxels left on disk."""
     path = Path(path)
     if not path.exists():
@@ -196,7 +156,7 @@ def read_volume(path: str | Path, frame: int | None = None) -> Volume:
     try:
         with LoggingOutputSuppressor():  # nibabel logs what it would fix; we have refused it already
             image = nib.load(path)
-    except _read_errors() as exc:
+    except read_errors() as exc:
         raise VolumeError(f"cannot read {path} as NIfTI: {first_line(exc)}") from exc
     if type(image) not in (nib.Nifti1Image, nib.Nifti2Image):
         raise VolumeError(f"{path} is a {type(image).__name__.replace('Image', '')} file, not a NIfTI-1/2 volume")
@@ -210,7 +170,7 @@ def read_volume(path: str | Path, frame: int | None = None) -> Volume:
         raise VolumeError(f"--frame is only for 4-D input; {path} has shape {shape}")
     elif len(shape) not in (2, 3):
         raise VolumeError(f"{path} has {len(shape)} dimensions (shape {shape}); expected 2-D, 3-D or 4-D with --frame")
-    return Volume(path, image, frame)
+    return NiftiVolume(path, image, frame)
 
 
 def resampled_affine(affine: np.ndarray, in_plane_axes: tuple[int, int], factor: int) -> np.ndarray:
