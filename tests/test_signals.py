@@ -114,7 +114,8 @@ def test_signal_while_a_dicom_series_is_written_leaves_no_folder(tmp_path, volum
     from .dicom_series import write_series
 
     image = nib.load(volume)
-    write_series(tmp_path / "in", np.asarray(image.dataobj).clip(-1024, 3000).round(), image.affine, "CT")
+    hu = np.concatenate([np.asarray(image.dataobj)] * 2, axis=2).clip(-1024, 3000).round()  # 48 slices: a write
+    write_series(tmp_path / "in", hu, image.affine, "CT")                                 # long enough to catch
     before = {p: p.read_bytes() for p in (tmp_path / "in").iterdir()}
     cmd = [sys.executable, "-m", "medir_fast.cli", "infer", str(tmp_path / "in"), "--task", "ct_denoise", "--weights",
            str(DATA / "tiny_state_dict.pth"), "-o", str(tmp_path / "out"), "--batch-size", "8"]
@@ -131,7 +132,7 @@ def test_signal_while_a_dicom_series_is_written_leaves_no_folder(tmp_path, volum
     assert proc.returncode == 128 + sig and len(lines) == 1 and f"interrupted by {sig.name}" in lines[0], err
     assert {p: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
     if "after writing" in lines[0]:  # it came while the finished folder was being renamed: complete
-        assert len(list((tmp_path / "out").iterdir())) == 24
+        assert len(list((tmp_path / "out").iterdir())) == hu.shape[2]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
     else:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

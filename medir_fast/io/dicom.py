@@ -13,8 +13,9 @@ rescale), PET in SUV body weight (from the activity in Bq/ml, the patient's weig
 decayed injected dose), MR as stored after its rescale. Pixels are decoded slab by slab.
 
 Writing (`write_series`): one instance per input instance, its header copied (patient, study,
-equipment, geometry, acquisition and PET dose modules), marked DERIVED\\SECONDARY with new
-series and instance UIDs, a reference to its source instance and a DerivationDescription naming
+equipment, geometry, acquisition and PET dose modules), marked DERIVED\\SECONDARY (enhanced
+multi-frame: DERIVED\\PRIMARY, as their IODs require, and DERIVED frames) with new series and
+instance UIDs, a reference to its source instance and a DerivationDescription naming
 the model's weights; pixels in the input's stored type and rescale (PET: a new rescale slope per
 instance), Explicit VR Little Endian, then read back and compared.
 """
