@@ -434,6 +434,14 @@ def _two_sizes(t):
     return t / "in"
 
 
+def _two_frames_of_reference(t):
+    uid, shifted = pydicom.uid.generate_uid(), _affine("axial")
+    shifted[2, 3] += SHAPE[2] * 2.5  # the next 5 slices, but measured in another frame of reference
+    write_series(t / "in", _volume("CT"), _affine("axial"), "CT", series_uid=uid)
+    write_series(t / "in", _volume("CT"), shifted, "CT", series_uid=uid, seed=1)
+    return t / "in"
+
+
 def _move(k_moved, dz=0.0, dy=0.0, every=False):
     def edit(k, ds):
         if k == k_moved or every:
@@ -452,8 +460,8 @@ def _unsupported_syntax(k, ds):
 
 def _non_image_objects(t):
     (t / "in").mkdir()
-    for name in ("rtstruct.dcm", "test-SR.dcm"):
-        shutil.copy(get_testdata_file(name), t / "in" / name)
+    for name in ("rtstruct.dcm", "test-SR.dcm", "dicomdirtests/DICOMDIR"):
+        shutil.copy(get_testdata_file(name), t / "in" / Path(name).name)
     return t / "in"
 
 
@@ -477,6 +485,7 @@ BAD_DICOM = {
     "two series without --series": (_two_series, [], "holds 2 image series; choose one with --series UID"),
     "an unknown --series": (OK, ["--series", "1.2.3"], "no image series 1.2.3"),
     "mixed sizes": (_two_sizes, [], "mixes image sizes"),
+    "two frames of reference": (_two_frames_of_reference, [], "frames of reference"),
     "mixed orientations": (_series_with(lambda k, ds: k == 2 and setattr(ds, "ImageOrientationPatient",
                                                                           [0, 1, 0, -1, 0, 0])), [], "mixes orientations"),
     "missing ImagePositionPatient": (_series_with(lambda k, ds: k == 1 and delattr(ds, "ImagePositionPatient")), [],

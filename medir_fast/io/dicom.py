@@ -193,7 +193,7 @@ def _headers(files: list[Path]) -> tuple[list[tuple[Path, Dataset]], Counter]:
             continue
         except Exception as exc:  # pydicom raises many types on damaged files
             raise VolumeError(f"cannot read {path} as DICOM: {first_line(exc)}") from exc
-        sop_class = header.get("SOPClassUID", None)
+        sop_class = header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID")  # DICOMDIR: meta only
         if sop_class in IMAGE_STORAGE:
             images.append((path, header))
         else:
