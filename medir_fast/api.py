@@ -78,8 +78,8 @@ def restore_file(
     input_path: a NIfTI file, or a DICOM series: folders (searched recursively) or files; series
     picks one series by its SeriesInstanceUID, force_task runs a task on another modality's series
     (see `io.dicom.read_series`). output_path: a .nii/.nii.gz file, or (DICOM input only) a folder
-    that receives the derived series whole. out_dtype: 'float32' or 'input' for NIfTI output
-    (default float32); a DICOM series is always written in the input's stored type and rescale.
+    that receives the derived series whole. out_dtype: 'float32' (default) or, for a NIfTI
+    input, 'input'; a DICOM series is always written in the input's stored type and rescale.
     restorer_options go to `Restorer` (backend, device, precision, batch_size, tile, self_ensemble),
     with the same meanings there.
     stream: run the slices through the C++ streaming runtime (file reading overlaps compute).
@@ -109,9 +109,10 @@ def restore_file(
     if dicom_out and not dicom_in:
         raise InputError(f"a NIfTI input is written as NIfTI: the output must end in {' or '.join(NIFTI_SUFFIXES)} "
                          f"({output_path}); DICOM output needs a DICOM input")
-    if dicom_in and out_dtype is not None:
-        raise InputError("--out-dtype is for NIfTI input: a DICOM series keeps its stored type and rescale "
-                         "(write DICOM), or comes out as float32 (write NIfTI)")
+    if dicom_out and out_dtype is not None:
+        raise InputError("--out-dtype is for NIfTI output: a derived DICOM series keeps its input's stored type and rescale")
+    if dicom_in and out_dtype == "input":
+        raise InputError("--out-dtype input needs a NIfTI input: a DICOM series written as NIfTI is float32")
     if dicom_out and Path(output_path).suffix.lower() in (".dcm", ".dicom", ".ima"):
         raise InputError(f"a derived series is a folder of files: give a folder name, not {output_path}")
     with Outputs(input_paths(input_path), overwrite) as outputs:

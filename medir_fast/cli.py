@@ -64,13 +64,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _default_output(inputs: list[str], task: str) -> Path:
     """INPUT_<task>.nii.gz beside a NIfTI file; a DICOM series: the folder FOLDER_<task> beside
-    the input folder (or beside the folder of the input files)."""
+    the (first) input folder, or beside the folder of the (first) input file."""
     path = Path(inputs[0])
     name = path.name
     for suffix in (".nii.gz", ".nii"):
         if name.lower().endswith(suffix) and len(inputs) == 1:
             return path.with_name(f"{name[: -len(suffix)]}_{task}{suffix}")
-    folder = (path if len(inputs) == 1 and path.is_dir() else path.parent).resolve()  # "." has no name
+    folder = (path if path.is_dir() else path.parent).resolve()  # "." has no name
+    if not folder.name:
+        raise UsageError(f"{folder} has no folder beside it for the output; give one with -o")
     return folder.with_name(f"{folder.name}_{task}")
 
 

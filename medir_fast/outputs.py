@@ -262,6 +262,8 @@ class Outputs:
                     raise OutputError(f"could not put back the folder being replaced: {target} is at {backup}") from exc
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise OutputError(f"{what} folder {target} filled during the run; pass --overwrite to replace it") from None
+            if exc.errno == errno.ENOTDIR:
+                raise OutputError(f"{what} {target} became a file during the run") from None
             raise
         self._temporaries.remove(tmp)
         return backup

@@ -112,7 +112,7 @@ def test_generated_series_reads_back_with_the_niftis_geometry_and_values(tmp_pat
 def test_round_trip_nifti_to_dicom_to_nifti_equals_the_nifti_path(tmp_path, ct_pair, tiny_model):
     nifti, series = ct_pair
     restore_file(nifti, tmp_path / "a.nii.gz", "ct_denoise", model=tiny_model)
-    restore_file(series, tmp_path / "b.nii.gz", "ct_denoise", model=tiny_model)
+    restore_file(series, tmp_path / "b.nii.gz", "ct_denoise", model=tiny_model, out_dtype="float32")
     a, b = nib.load(tmp_path / "a.nii.gz"), nib.load(tmp_path / "b.nii.gz")
     np.testing.assert_allclose(b.affine, a.affine, atol=1e-4)
     np.testing.assert_allclose(np.asarray(b.dataobj), np.asarray(a.dataobj), atol=1e-3)
@@ -194,6 +194,8 @@ def _pet_times(injection_time: str | None = None, injection_datetime: str | None
     ("injected before midnight, scanned after (times only)", _pet_times(injection_time="233000", series_time="003000"),
      [1.0] * SHAPE[2]),
     ("Units GML: SUV already", _pet_times(units="GML"), None),
+    ("scan 2 min before the recorded injection: clocks apart, no decay", _pet_times(injection_datetime="20260504110200"),
+     [0.0] * SHAPE[2]),
 ])
 def test_suv_follows_units_and_decay_correction(tmp_path, case, edit, hours):
     write_series(tmp_path / "pet", _volume("PT"), _affine("axial"), "PT", edit=edit)
@@ -297,7 +299,9 @@ def test_a_one_frame_enhanced_ct_and_a_big_endian_mr_are_written_back(tmp_path, 
     (tmp_path / "ct").mkdir()
     one.save_as(tmp_path / "ct" / "one.dcm")
     out = restore_file(tmp_path / "ct", tmp_path / "ct_out", "ct_denoise", model=tiny_model, tile=0)
-    assert read_series([out], get_task("ct_denoise")).shape == (512, 512, 1)
+    back = read_series([out], get_task("ct_denoise"))
+    assert back.shape == (512, 512, 1)
+    assert np.linalg.norm(back.affine[:3, 2]) == pytest.approx(10.0)  # its PixelMeasuresSequence's SliceThickness
     big_endian = get_testdata_file("MR_small_bigendian.dcm")
     out = restore_file(big_endian, tmp_path / "mr_out", "mri_sr", model=tiny_model, intensity_range=(0, 4095))
     nifti = restore_file(big_endian, tmp_path / "mr.nii.gz", "mri_sr", model=tiny_model, intensity_range=(0, 4095))
@@ -305,6 +309,39 @@ def test_a_one_frame_enhanced_ct_and_a_big_endian_mr_are_written_back(tmp_path, 
     assert pydicom.dcmread(written).file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     expected = np.clip(np.asarray(nib.load(nifti).dataobj)[:, :, 0].T, -32768, 32767)  # int16, no rescale
     assert np.max(np.abs(pydicom.dcmread(written).pixel_array - expected)) <= 0.5 + 1e-3
+
+
+def test_an_enhanced_pet_keeps_its_rescale_type_in_every_frame_and_loses_its_value_mapping(tmp_path, tiny_model):
+    """A new slope per frame moves the rescale out of the shared groups: its type must follow
+    into every frame, and a real world value mapping of the old stored values must go."""
+    pytest.importorskip("data_store", reason="pydicom-data (the larger test files) is not installed")
+    pet = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    pet.SOPClassUID = pet.file_meta.MediaStorageSOPClassUID = pydicom.uid.EnhancedPETImageStorage
+    pet.Modality = "PT"
+    shared = pet.SharedFunctionalGroupsSequence[0]
+    shared.PixelValueTransformationSequence[0].RescaleType = "BQML"
+    assert "RealWorldValueMappingSequence" in shared
+    (tmp_path / "pet").mkdir()
+    pet.save_as(tmp_path / "pet" / "pet.dcm")
+    out = restore_file(tmp_path / "pet", tmp_path / "out", "pet_synthesis", model=tiny_model, tile=0,
+                       intensity_range=(0, 3000))
+    (written,) = out.iterdir()
+    derived = pydicom.dcmread(written)
+    assert "PixelValueTransformationSequence" not in derived.SharedFunctionalGroupsSequence[0]
+    assert [f.PixelValueTransformationSequence[0].RescaleType for f in derived.PerFrameFunctionalGroupsSequence] == [
+        "BQML", "BQML"]
+    assert not any(e.keyword == "RealWorldValueMappingSequence" for e in derived.iterall())
+
+
+def test_a_sparse_header_is_completed_from_its_file_meta(tmp_path, tiny_model):
+    """SOPClassUID only in the file meta, a one-valued ImageType: still read, and written as derived."""
+    def sparse(k, ds):
+        del ds.SOPClassUID
+        ds.ImageType = "ORIGINAL"
+    write_series(tmp_path / "in", _volume("CT"), _affine("axial"), "CT", edit=sparse)
+    out = restore_file(tmp_path / "in", tmp_path / "out", "ct_denoise", model=tiny_model)
+    derived = pydicom.dcmread(next(out.iterdir()))
+    assert derived.SOPClassUID == pydicom.uid.CTImageStorage and list(derived.ImageType) == ["DERIVED", "SECONDARY"]
 
 
 def test_values_beyond_the_stored_type_are_clipped_and_counted(tmp_path, caplog):
@@ -465,6 +502,28 @@ def _non_image_objects(t):
     return t / "in"
 
 
+def _without_sop_instance_uid(t):
+    write_series(t / "in", _volume("CT"), _affine("axial"), "CT")
+    path = next((t / "in").iterdir())
+    ds = pydicom.dcmread(path)
+    del ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.save_as(path)
+    return t / "in"
+
+
+def _without_preamble(t):
+    write_series(t / "in", _volume("CT"), _affine("axial"), "CT")
+    for path in (t / "in").iterdir():
+        path.write_bytes(path.read_bytes()[132:])  # the file meta group at offset 0
+    return t / "in"
+
+
+def _refused_beside_other_files(t):
+    write_series(t / "in", _volume("CT"), _affine("axial"), "CT", edit=_move(4, dz=2.0))
+    (t / "in" / "README.txt").write_text("exported by a scanner")
+    return t / "in"
+
+
 def _mr_series(t):
     write_series(t / "in", _volume("MR"), _affine("axial"), "MR")
     return t / "in"
@@ -497,9 +556,15 @@ BAD_DICOM = {
                                     "MPEG2"),
     "empty folder": (_empty, [], "no files in"),
     "only non-image objects": (_non_image_objects, [], "no CT, MR or PET image"),
+    "no SOPInstanceUID": (_without_sop_instance_uid, [], "has no SOPInstanceUID"),
+    "DICOM without the file preamble": (_without_preamble, [], "5 DICOM data sets without the DICOM file preamble"),
+    "a refusal names what was set aside": (_refused_beside_other_files, [],
+                                           "(a missing slice?); ignored 1 files that are neither DICOM nor NIfTI"),
     "task of another modality": (_mr_series, [], "pass --force-task"),
     "NIfTI in, DICOM out": (_nifti, ["-o", "{tmp}/out"], "a NIfTI input is written as NIfTI"),
-    "--out-dtype with DICOM": (OK, ["--out-dtype", "input"], "--out-dtype is for NIfTI input"),
+    "--out-dtype with DICOM out": (OK, ["--out-dtype", "float32"], "--out-dtype is for NIfTI output"),
+    "--out-dtype input with DICOM in": (OK, ["--out-dtype", "input", "-o", "{tmp}/o.nii.gz"],
+                                        "--out-dtype input needs a NIfTI input"),
     "--frame with DICOM": (OK, ["--frame", "0"], "--frame is for 4-D NIfTI input"),
     "output inside the input folder": (OK, ["-o", "{tmp}/in/out"], "inside the input folder"),
     "non-empty output folder": (OK, ["-o", "{tmp}/full"], "not empty; pass --overwrite"),
@@ -525,6 +590,11 @@ def test_bad_dicom_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, ti
                              *[a.format(tmp=tmp_path) for a in extra])
     assert_one_line_error(code, err, message)
     assert _tree(tmp_path) == before and not out
+
+
+def test_the_root_folder_has_no_default_output_beside_it(capsys, tiny_weights):
+    code, _, err = run_cli(capsys, "infer", "/", "--task", "ct_denoise", "--weights", tiny_weights)
+    assert_one_line_error(code, err, "has no folder beside it for the output; give one with -o")
 
 
 def test_force_task_runs_a_task_on_another_modality(tmp_path, tiny_model):

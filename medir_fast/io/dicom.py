@@ -59,6 +59,7 @@ ORIENTATION_TOLERANCE = 1e-4  # direction cosines that differ by less are the sa
 SHEAR_TOLERANCE_MM = 1e-2  # slice origins off the normal through the first by more: a tilted gantry
 SPACING_JITTER_SILENT = 1e-3  # relative deviation of a gap from the mean spacing: below, nothing said
 SPACING_JITTER_WARNED = 1e-2  # up to this, a warning (the NIfTI affine uses the mean); beyond, refused
+CLOCK_SKEW_S = 300.0  # a PET scan that starts up to this long before the recorded injection: at injection
 ORIGINAL_PIXEL_ELEMENTS = (  # what describes the original pixels only: dropped from a derived instance
     "SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue", "PixelPaddingRangeLimit",
     "IconImageSequence", "SmallestPixelValueInSeries", "LargestPixelValueInSeries", "DataSetTrailingPadding")
@@ -149,10 +150,11 @@ def _slices(path: Path, header: Dataset) -> list[Slice]:
     """The image planes of one instance, with their geometry and rescale."""
     frames = [None]
     if "PerFrameFunctionalGroupsSequence" in header:
-        count = int(_number(header, "NumberOfFrames", None, str(path)))
+        count = _number(header, "NumberOfFrames", None, str(path))
         if not 1 <= count == len(header.PerFrameFunctionalGroupsSequence):
-            raise VolumeError(f"{path} has {count} frames but {len(header.PerFrameFunctionalGroupsSequence)} "
+            raise VolumeError(f"{path} has {count:g} frames but {len(header.PerFrameFunctionalGroupsSequence)} "
                               "per-frame functional groups")
+        count = int(count)
         frames = range(count)
     slices = []
     for frame in frames:
@@ -193,8 +195,14 @@ def _headers(files: list[Path]) -> tuple[list[tuple[Path, Dataset]], Counter]:
             continue
         except Exception as exc:  # pydicom raises many types on damaged files
             raise VolumeError(f"cannot read {path} as DICOM: {first_line(exc)}") from exc
-        sop_class = header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID")  # DICOMDIR: meta only
+        meta = header.get("file_meta") or Dataset()
+        sop_class = header.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")  # DICOMDIR: meta only
         if sop_class in IMAGE_STORAGE:
+            header.SOPClassUID = sop_class
+            instance = header.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID")
+            if not instance:
+                raise VolumeError(f"{path} has no SOPInstanceUID; a derived series could not reference it")
+            header.SOPInstanceUID = instance
             images.append((path, header))
         else:
             others[uids.UID(sop_class).name if sop_class else "objects without a SOP class"] += 1
@@ -207,8 +215,8 @@ def _not_dicom(path: Path) -> str:
         return "NIfTI files (give a NIfTI file on its own)"
     with open(path, "rb") as f:
         start = f.read(2)
-    if start in (b"\x08\x00", b"\x00\x08"):  # a data set starting at group 0008, without the file meta header
-        return "DICOM data sets without a file meta header (not read: add one, e.g. with dcmconv)"
+    if start in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):  # a data set (or file meta) at offset 0: no preamble
+        return "DICOM data sets without the DICOM file preamble (not read: rewrite them as DICOM files, e.g. with dcmconv)"
     return "files that are neither DICOM nor NIfTI"
 
 
@@ -312,7 +320,9 @@ def _grid(slices: list[Slice], notes: list[str]) -> tuple[list[Slice], np.ndarra
             notes.append(f"slice spacing varies by up to {100 * jitter:.2f}% of its mean {step:.4f} mm; the NIfTI "
                          "geometry uses the mean")
     else:
-        step = float(first.header.get("SpacingBetweenSlices", 0) or first.header.get("SliceThickness", 0) or 1.0)
+        measures = _item(first.header, first.frame, "PixelMeasuresSequence")  # one plane: its thickness, if given
+        step = abs(_number(measures, "SpacingBetweenSlices", 0.0, first.where)) or abs(
+            _number(measures, "SliceThickness", 0.0, first.where)) or 1.0
     lps = np.eye(4)
     lps[:3, 0] = row * first.spacing[1]  # voxel axis 0 runs along a row: the spacing between columns
     lps[:3, 1] = column * first.spacing[0]
@@ -373,6 +383,8 @@ def _suv_factors(slices: list[Slice]) -> str | None:
             elapsed = (reference - injected).total_seconds()
             if elapsed < 0 and not start:
                 elapsed += 86400.0  # injected before midnight, scanned after
+            if -CLOCK_SKEW_S <= elapsed < 0:
+                elapsed = 0.0  # the injection and the scanner clocks disagree by a little
             if not 0 <= elapsed <= 10 * half_life:
                 return (f"a plausible time from injection to scan (it reads {elapsed / 3600:.2f} h, half-life "
                         f"{half_life / 3600:.2f} h)")
@@ -473,29 +485,33 @@ def read_series(inputs: Sequence[str | Path], task: Task, series: str | None = N
     notes: list[str] = []
     images, others = _headers(_files(inputs))
     chosen = _choose_series(images, others, series, inputs, notes)
-    modality = IMAGE_STORAGE[chosen[0][1].SOPClassUID]
-    if task.dicom_modality != modality and not force_task:
-        raise VolumeError(f"the series is {modality} but {task.name} restores {task.dicom_modality}; "
-                          "pass --force-task to run it anyway")
-    slices = []
-    for path, header in chosen:
-        _check_decodable(path, header)
-        _check_pixels(path, header)
-        slices += _slices(path, header)
-    if not slices:
-        raise VolumeError(f"the series in {', '.join(map(str, inputs))} holds no image planes")
-    slices, affine = _grid(slices, notes)
-    unit = {"CT": "HU", "MR": "as stored"}.get(modality, "SUV")
-    if modality == "PT":
-        missing = _suv_factors(slices)
-        if missing is not None:
-            if not range_given:
-                raise VolumeError(f"cannot compute SUV for this PET series: missing {missing}; give --range LO HI in "
-                                  f"its stored units ({slices[0].header.get('Units', 'unknown')}) to restore it as stored")
-            unit = str(slices[0].header.get("Units", "as stored"))
-    if modality == "MR" and not range_given:
-        notes.append(f"MR intensities are in scanner units: the range [{task.lo:g}, {task.hi:g}] of {task.name} is a "
-                     "guess; give --range LO HI to set it")
+    ignored = list(notes)  # what was set aside may be what the user meant: said with any refusal
+    try:
+        modality = IMAGE_STORAGE[chosen[0][1].SOPClassUID]
+        if task.dicom_modality != modality and not force_task:
+            raise VolumeError(f"the series is {modality} but {task.name} restores {task.dicom_modality}; "
+                              "pass --force-task to run it anyway")
+        slices = []
+        for path, header in chosen:
+            _check_decodable(path, header)
+            _check_pixels(path, header)
+            slices += _slices(path, header)
+        if not slices:
+            raise VolumeError(f"the series in {', '.join(map(str, inputs))} holds no image planes")
+        slices, affine = _grid(slices, notes)
+        unit = {"CT": "HU", "MR": "as stored"}.get(modality, "SUV")
+        if modality == "PT":
+            missing = _suv_factors(slices)
+            if missing is not None:
+                if not range_given:
+                    raise VolumeError(f"cannot compute SUV for this PET series: missing {missing}; give --range LO HI in "
+                                      f"its stored units ({slices[0].header.get('Units', 'unknown')}) to restore it as stored")
+                unit = str(slices[0].header.get("Units", "as stored"))
+        if modality == "MR" and not range_given:
+            notes.append(f"MR intensities are in scanner units: the range [{task.lo:g}, {task.hi:g}] of {task.name} is a "
+                         "guess; give --range LO HI to set it")
+    except VolumeError as exc:
+        raise VolumeError("; ".join([str(exc), *ignored])) from exc
     return DicomVolume(inputs[0] if len(inputs) == 1 else inputs[0].parent, slices, affine, unit, notes)
 
 
@@ -526,16 +542,17 @@ def _values(value) -> list[str]:
     return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
-def _set_rescale(ds: Dataset, frame: int | None, slope: float, intercept: float) -> None:
-    """A rescale of its own for one instance (or one frame: moved out of the shared groups). A
-    real world value mapping of the original stored values no longer holds: it is dropped."""
+def _set_rescale(ds: Dataset, header: Dataset, frame: int | None, slope: float, intercept: float) -> None:
+    """A rescale of its own for instance `ds` (or one frame: moved out of the shared groups),
+    keeping the original `header`'s rescale type. A real world value mapping of the original
+    stored values no longer holds: it is dropped."""
     for item in (ds, *ds.get("SharedFunctionalGroupsSequence", []), *ds.get("PerFrameFunctionalGroupsSequence", [])):
         if "RealWorldValueMappingSequence" in item:
             del item.RealWorldValueMappingSequence
     if frame is None:
         ds.RescaleSlope, ds.RescaleIntercept = _ds(slope), _ds(intercept)
         return
-    previous = _item(ds, frame, "PixelValueTransformationSequence")
+    previous = _item(header, frame, "PixelValueTransformationSequence")
     rescale_type = previous.get("RescaleType", "US") if previous is not None else "US"
     for group in ds.get("SharedFunctionalGroupsSequence", []):
         if "PixelValueTransformationSequence" in group:
@@ -628,7 +645,7 @@ def write_series(folder: Path, restored: np.ndarray, volume: DicomVolume, descri
                 _item(ds, s.frame, "PlanePositionSequence").ImagePositionPatient = [_ds(v) for v in position]
                 _item(ds, s.frame, "PixelMeasuresSequence").PixelSpacing = [_ds(v) for v in spacing]
             if per_instance_slope:
-                _set_rescale(ds, s.frame, slope, intercept)
+                _set_rescale(ds, header, s.frame, slope, intercept)
         ds.Rows, ds.Columns = frames[0].shape
         pixels = np.stack(frames) if "PerFrameFunctionalGroupsSequence" in ds else frames[0]
         data = np.ascontiguousarray(pixels.astype(pixels.dtype.newbyteorder("<"))).tobytes()
