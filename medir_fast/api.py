@@ -121,6 +121,8 @@ def restore_file(
             preview = outputs.add(preview, "preview", (".png",))
         volume = read_input(input_path, task_preset, frame, series, force_task, intensity_range is not None)
         axis = _check_axis(volume, axis)
+        if dicom_out:
+            volume.check_derivable()
         if dicom_out and scale is not None and axis != volume.slice_axis():
             raise InputError("--scale with --axis other than the series' slices cannot be written as DICOM; write NIfTI")
         weights_name = "a model object" if model is not None else Path(str(weights or "default")).name

@@ -263,7 +263,7 @@ class Outputs:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise OutputError(f"{what} folder {target} filled during the run; pass --overwrite to replace it") from None
             if exc.errno == errno.ENOTDIR:
-                raise OutputError(f"{what} {target} became a file during the run") from None
+                raise OutputError(f"{what} {target} or a folder above it is no longer a folder") from None
             raise
         self._temporaries.remove(tmp)
         return backup

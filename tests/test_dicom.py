@@ -196,6 +196,7 @@ def _pet_times(injection_time: str | None = None, injection_datetime: str | None
     ("Units GML: SUV already", _pet_times(units="GML"), None),
     ("scan 2 min before the recorded injection: clocks apart, no decay", _pet_times(injection_datetime="20260504110200"),
      [0.0] * SHAPE[2]),
+    ("the same, times only", _pet_times(injection_time="110200"), [0.0] * SHAPE[2]),
 ])
 def test_suv_follows_units_and_decay_correction(tmp_path, case, edit, hours):
     write_series(tmp_path / "pet", _volume("PT"), _affine("axial"), "PT", edit=edit)
@@ -342,6 +343,11 @@ def test_a_sparse_header_is_completed_from_its_file_meta(tmp_path, tiny_model):
     out = restore_file(tmp_path / "in", tmp_path / "out", "ct_denoise", model=tiny_model)
     derived = pydicom.dcmread(next(out.iterdir()))
     assert derived.SOPClassUID == pydicom.uid.CTImageStorage and list(derived.ImageType) == ["DERIVED", "SECONDARY"]
+
+
+def test_a_series_without_instance_uids_is_still_restored_to_nifti(tmp_path, tiny_model):
+    out = restore_file(_without_sop_instance_uid(tmp_path), tmp_path / "o.nii.gz", "ct_denoise", model=tiny_model)
+    assert nib.load(out).shape == SHAPE
 
 
 def test_values_beyond_the_stored_type_are_clipped_and_counted(tmp_path, caplog):

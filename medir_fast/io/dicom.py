@@ -199,10 +199,8 @@ def _headers(files: list[Path]) -> tuple[list[tuple[Path, Dataset]], Counter]:
         sop_class = header.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")  # DICOMDIR: meta only
         if sop_class in IMAGE_STORAGE:
             header.SOPClassUID = sop_class
-            instance = header.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID")
-            if not instance:
-                raise VolumeError(f"{path} has no SOPInstanceUID; a derived series could not reference it")
-            header.SOPInstanceUID = instance
+            if "SOPInstanceUID" not in header and meta.get("MediaStorageSOPInstanceUID"):
+                header.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
             images.append((path, header))
         else:
             others[uids.UID(sop_class).name if sop_class else "objects without a SOP class"] += 1
@@ -214,8 +212,10 @@ def _not_dicom(path: Path) -> str:
     if is_nifti_path(path):
         return "NIfTI files (give a NIfTI file on its own)"
     with open(path, "rb") as f:
-        start = f.read(2)
-    if start in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):  # a data set (or file meta) at offset 0: no preamble
+        start = f.read(8)
+    group = start[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x08")  # the file meta or group 0008 at offset 0
+    explicit_vr, implicit_length = start[4:6].isalpha() and start[4:6].isupper(), start[4:8][2:] == b"\x00\x00"
+    if len(start) == 8 and group and (explicit_vr or implicit_length):
         return "DICOM data sets without the DICOM file preamble (not read: rewrite them as DICOM files, e.g. with dcmconv)"
     return "files that are neither DICOM nor NIfTI"
 
@@ -381,10 +381,10 @@ def _suv_factors(slices: list[Slice]) -> str | None:
             if injected is None or reference is None:
                 return "the injection time, or the series' or acquisition's date and time"
             elapsed = (reference - injected).total_seconds()
-            if elapsed < 0 and not start:
-                elapsed += 86400.0  # injected before midnight, scanned after
             if -CLOCK_SKEW_S <= elapsed < 0:
                 elapsed = 0.0  # the injection and the scanner clocks disagree by a little
+            elif elapsed < 0 and not start:
+                elapsed += 86400.0  # injected before midnight, scanned after
             if not 0 <= elapsed <= 10 * half_life:
                 return (f"a plausible time from injection to scan (it reads {elapsed / 3600:.2f} h, half-life "
                         f"{half_life / 3600:.2f} h)")
@@ -426,6 +426,13 @@ class DicomVolume(Volume):
 
     def slice_axis(self) -> int:
         return 2  # the acquired planes, whatever their orientation
+
+    def check_derivable(self) -> None:
+        """Refuse, before any computation, a series that a derived series could not reference."""
+        for s in self.slices:
+            if not s.header.get("SOPInstanceUID"):
+                raise VolumeError(f"{s.path} has no SOPInstanceUID; a derived series could not reference it "
+                                  "(write NIfTI instead)")
 
     def slab(self, axis: int, start: int, stop: int) -> np.ndarray:
         if axis == 2:
