@@ -37,9 +37,10 @@ setup(
         "onnxruntime>=1.20",  # the onnxruntime backend (its CPU provider; onnxruntime-gpu in its place adds CUDA)
     ],
     extras_require={
-        # pydicom-data: pydicom's larger test files (enhanced multi-frame CT, JPEG 2000 CT) for the DICOM tests
+        # pydicom-data: pydicom's larger test files (enhanced multi-frame CT, JPEG 2000 CT) for the DICOM tests;
+        # pynrrd: the workbench's body CT stored as NRRD
         "dev": ["pytest>=8", "pytest-benchmark>=4", "triton==3.9.0", "bm3d>=4.0", "scikit-image>=0.22", "matplotlib>=3.7",
-                "pydicom-data>=1.0"],
+                "pydicom-data>=1.0", "pynrrd>=1.0"],
         # medir-fast bench: the BM3D baseline (its noise level from scikit-image) and --plot
         "bench": ["bm3d>=4.0", "scikit-image>=0.22", "matplotlib>=3.7"],
         # ONNX Runtime's CUDA provider; it holds the same module as onnxruntime (see README)

