@@ -198,18 +198,21 @@ def degrade(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Gener
 
 
 def fresh_pairs(slices: int, rng: np.random.Generator, modalities=MODALITIES, device: str = "cpu",
-                cache: Path = CACHE, ct_dose: tuple[float, float] = CT_DOSE_RANGE) -> list[PairedVolume]:
-    """Protocol-v1 pairs degraded afresh from `slices` random training slices of each source.
+                cache: Path = CACHE, ct_dose: tuple[float, float] = CT_DOSE_RANGE, body_ct: bool = False) -> list[PairedVolume]:
+    """Protocol-v1 pairs degraded afresh from `slices` random training slices of each source
+    (with `body_ct`, also of each body-CT training patient, all of whose slices are training).
 
     Half the slices are degraded as they are, half re-posed first (`augmented_pairs`), so that
     training on a stream of these never sees the same noise twice. Only training slices are drawn.
     """
     names = [n for n in SOURCES if SOURCE_MODALITY[n] in modalities]
+    if body_ct and "CT" in modalities:
+        names += BODY_CT_SPLIT["train"]
     pairs = []
     for name, path in fetch(cache, tuple(names)).items():
         volume, zooms = _clean_volume_cached(name, str(path))
         modality = SOURCE_MODALITY[name]
-        a, b = SPLITS[name]["train"]
+        a, b = SPLITS[name]["train"] if name in SPLITS else (0, len(volume))
         picked = volume[a + rng.choice(b - a, size=min(slices, b - a), replace=False)]
         half = len(picked) // 2
         plain = degrade(modality, picked[:half], zooms[0], rng, device) if half else {}

@@ -117,15 +117,16 @@ class FreshPairStream:
     """
 
     def __init__(self, slices: int, rng: np.random.Generator, modalities: tuple[str, ...], device: str,
-                 ct_dose: tuple[float, float]):
+                 ct_dose: tuple[float, float], body_ct: bool = False):
         self.slices, self.rng, self.modalities, self.device, self.ct_dose = slices, rng, modalities, device, ct_dose
+        self.body_ct = body_ct
         self.worker = ThreadPoolExecutor(max_workers=1)
         self.pending = self._submit()
 
     def _submit(self) -> Future:
         seed = int(self.rng.integers(2**63))
         return self.worker.submit(fresh_pairs, self.slices, np.random.default_rng(seed), self.modalities, self.device,
-                                  ct_dose=self.ct_dose)
+                                  ct_dose=self.ct_dose, body_ct=self.body_ct)
 
     def next(self) -> list[PairedVolume]:
         pairs = self.pending.result()
@@ -187,6 +188,7 @@ def train(
     refresh_every: int = 100,
     mix: dict[str, int] | None = None,
     ct_dose: tuple[float, float] = CT_DOSE_RANGE,
+    body_ct: bool = False,
 ) -> dict:
     """Train (or fine-tune from `init`) and return a summary; `out_dir/last.pt` holds the state.
 
@@ -194,7 +196,8 @@ def train(
     protocol-v1 source volumes (`pool_slices` slices per source, a new pool every `refresh_every`
     steps), so the network never sees the same noise twice. `mix` gives each modality's share of
     a batch (CT=4,MRI=1,PET=2: CT's small HU residuals weigh little in an L1 over all tasks);
-    `ct_dose` the dose range (x I0) of the re-posed CT slices in each pool.
+    `ct_dose` the dose range (x I0) of the re-posed CT slices in each pool; `body_ct` adds the
+    body-CT training patients (`paired.BODY_CT_SPLIT`) to the CT sources of each pool.
 
     The cosine schedule runs over `steps` optimizer steps or, with `time_budget` (minutes),
     over that much training time, so that a run on a slow or shared machine still anneals
@@ -221,7 +224,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(rng, state["rng"])
         step, seconds = state["step"], state["seconds"]
-    stream = FreshPairStream(pool_slices, rng, modalities, device, ct_dose) if simulate else None
+    stream = FreshPairStream(pool_slices, rng, modalities, device, ct_dose, body_ct) if simulate else None
     sampler = PatchSampler(stream.next() if stream else pairs, crop, rng, mix)
 
     def done_fraction() -> float:
@@ -231,7 +234,7 @@ def train(
         record = {"step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
                   "lr": lr, "batch_size": batch_size, "crop": crop, "mix": mix, "modalities": list(modalities), "init": init,
                   "data": f"protocol-v1 degraded afresh ({pool_slices} slices per source, new every {refresh_every} steps, "
-                          f"re-posed CT at {ct_dose[0]:g}-{ct_dose[1]:g}x the dose)"
+                          f"re-posed CT at {ct_dose[0]:g}-{ct_dose[1]:g}x the dose{', with body CT' if body_ct else ''})"
                   if simulate else str(data_root), "threads": torch.get_num_threads(), "device": _device_name(device)}
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng), **record},
                     ckpt_path)
@@ -314,6 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh-every", type=int, default=100, help="with --simulate: steps between new pools")
     parser.add_argument("--ct-dose", default=",".join(f"{d:g}" for d in CT_DOSE_RANGE),
                         help="with --simulate: dose range LO,HI (x protocol v1's I0) of the re-posed CT slices")
+    parser.add_argument("--body-ct", action="store_true",
+                        help="with --simulate: the body-CT training patients join the CT sources of each pool")
     parser.add_argument("--out", required=True, help="output folder (checkpoint last.pt, weights.pth)")
     parser.add_argument("--config", default="slim", help=f"model size: {', '.join(CONFIGS)}, a .json file or inline JSON")
     parser.add_argument("--steps", type=int, help="total optimizer steps of the cosine schedule (default 20000)")
@@ -379,6 +384,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device} asked for, but this torch build sees no CUDA device")
     if (args.data is None) == (not args.simulate):
         raise ValueError("give either a paired data folder or --simulate")
+    if args.body_ct and not args.simulate:
+        raise ValueError("--body-ct needs --simulate")
     if args.pool_slices < 2 or args.refresh_every < 1:
         raise ValueError("--pool-slices must be at least 2 and --refresh-every at least 1")
     if bad or not modalities:
@@ -393,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(args.data, args.out, config, steps, args.batch_size, crop, args.lr, args.device,
                     args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities,
                     simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every, mix=mix,
-                    ct_dose=ct_dose)
+                    ct_dose=ct_dose, body_ct=args.body_ct)
     export_weights(summary["checkpoint"], Path(args.out) / "weights.pth")
     losses = summary["losses"]
     tail = f", mean loss of the last 100 steps {np.mean(losses[-100:]):.4f}" if losses else ""

@@ -125,3 +125,20 @@ def test_an_sdist_is_kept_only_with_the_sha256_the_index_lists(tmp_path, monkeyp
         assert list(tmp_path.iterdir()) == []
     else:
         assert sources._download(source, tmp_path).read_bytes() == payload
+
+
+def test_fresh_pools_take_body_ct_from_the_training_patients_only_when_asked(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    paths = {}
+    for name in sources.BODY_CT:
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        volume = np.full((6, 24, 24), -1000.0)
+        volume[:, 6:18, 4:20] = 40 + 20 * rng.standard_normal((6, 12, 16))
+        nib.save(nib.Nifti1Image(np.transpose(volume, (1, 2, 0)).astype(np.float32), np.diag([0.8, 0.8, 3, 1])),
+                 paths[name])
+    monkeypatch.setattr(paired, "SOURCES", {})  # the body patients alone
+    monkeypatch.setattr(paired, "fetch", lambda cache=None, names=(): {n: paths[n] for n in names})
+    assert paired.fresh_pairs(4, np.random.default_rng(0), ("CT",)) == []
+    pool = paired.fresh_pairs(4, np.random.default_rng(0), ("CT",), body_ct=True)
+    assert {p.name.split("_plain")[0].split("_posed")[0] for p in pool} == set(paired.BODY_CT_SPLIT["train"])
+    assert paired.fresh_pairs(4, np.random.default_rng(0), ("MRI",), body_ct=True) == []
