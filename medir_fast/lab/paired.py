@@ -11,6 +11,8 @@ training volumes, which no model here trains on. `read_pairs()` reads that layou
 from __future__ import annotations
 
 import functools
+import threading
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,18 +200,23 @@ def degrade(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Gener
 
 
 def fresh_pairs(slices: int, rng: np.random.Generator, modalities=MODALITIES, device: str = "cpu",
-                cache: Path = CACHE, ct_dose: tuple[float, float] = CT_DOSE_RANGE, body_ct: bool = False) -> list[PairedVolume]:
+                cache: Path = CACHE, ct_dose: tuple[float, float] = CT_DOSE_RANGE, body_ct: bool = False,
+                cancelled: threading.Event | None = None) -> list[PairedVolume]:
     """Protocol-v1 pairs degraded afresh from `slices` random training slices of each source
     (with `body_ct`, also of each body-CT training patient, all of whose slices are training).
 
     Half the slices are degraded as they are, half re-posed first (`augmented_pairs`), so that
     training on a stream of these never sees the same noise twice. Only training slices are drawn.
+    A pool of 512 x 512 body CT takes minutes on a CPU, so a pool nobody will use stops early:
+    once `cancelled` is set, the next source raises CancelledError.
     """
     names = [n for n in SOURCES if SOURCE_MODALITY[n] in modalities]
     if body_ct and "CT" in modalities:
         names += BODY_CT_SPLIT["train"]
     pairs = []
     for name, path in fetch(cache, tuple(names)).items():
+        if cancelled is not None and cancelled.is_set():
+            raise CancelledError(f"pool cancelled before {name}")
         volume, zooms = _clean_volume_cached(name, str(path))
         modality = SOURCE_MODALITY[name]
         a, b = SPLITS[name]["train"] if name in SPLITS else (0, len(volume))

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -120,13 +121,14 @@ class FreshPairStream:
                  ct_dose: tuple[float, float], body_ct: bool = False):
         self.slices, self.rng, self.modalities, self.device, self.ct_dose = slices, rng, modalities, device, ct_dose
         self.body_ct = body_ct
+        self.cancelled = threading.Event()
         self.worker = ThreadPoolExecutor(max_workers=1)
         self.pending = self._submit()
 
     def _submit(self) -> Future:
         seed = int(self.rng.integers(2**63))
         return self.worker.submit(fresh_pairs, self.slices, np.random.default_rng(seed), self.modalities, self.device,
-                                  ct_dose=self.ct_dose, body_ct=self.body_ct)
+                                  ct_dose=self.ct_dose, body_ct=self.body_ct, cancelled=self.cancelled)
 
     def next(self) -> list[PairedVolume]:
         pairs = self.pending.result()
@@ -134,6 +136,8 @@ class FreshPairStream:
         return pairs
 
     def close(self) -> None:
+        """Stop the pool being simulated at its next source (`fresh_pairs`) instead of finishing it."""
+        self.cancelled.set()
         self.worker.shutdown(wait=True, cancel_futures=True)
 
 
@@ -246,33 +250,35 @@ def train(
     bar = tqdm(total=steps or round(time_budget * 60), initial=step if steps else round(seconds), disable=not progress,
                unit="step" if steps else "s", dynamic_ncols=True,
                bar_format=None if steps else "{l_bar}{bar}| {n:.0f}/{total} s of training [{elapsed}<{remaining}{postfix}]")
-    while done_fraction() < 1 and step < stop_at:
-        t0 = time.monotonic()
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(lr, done_fraction())
-        if stream and step % refresh_every == 0 and losses:
-            sampler = PatchSampler(stream.next(), crop, rng, mix)
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
-        for lq, hq in sampler.batch(batch_size):  # one forward per crop size, gradients summed
-            out, balance = model(lq.to(device))
-            loss = len(lq) / batch_size * (F.l1_loss(out, hq.to(device)) + LOAD_BALANCING_WEIGHT * balance)
-            loss.backward()
-            loss_value += loss.item()
-        optimizer.step()
-        step += 1
-        dt = time.monotonic() - t0
-        seconds += dt
-        losses.append(loss_value)
-        bar.update(1 if steps else min(dt, bar.total - bar.n))  # a time bar must not overshoot (tqdm warns)
-        bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{batch_size / dt:.1f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.1e}")
-        if step % save_every == 0:
-            checkpoint()
-    bar.close()
-    if stream:
-        stream.close()
-    checkpoint()
+    try:
+        while done_fraction() < 1 and step < stop_at:
+            t0 = time.monotonic()
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(lr, done_fraction())
+            if stream and step % refresh_every == 0 and losses:
+                sampler = PatchSampler(stream.next(), crop, rng, mix)
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = 0.0
+            for lq, hq in sampler.batch(batch_size):  # one forward per crop size, gradients summed
+                out, balance = model(lq.to(device))
+                loss = len(lq) / batch_size * (F.l1_loss(out, hq.to(device)) + LOAD_BALANCING_WEIGHT * balance)
+                loss.backward()
+                loss_value += loss.item()
+            optimizer.step()
+            step += 1
+            dt = time.monotonic() - t0
+            seconds += dt
+            losses.append(loss_value)
+            bar.update(1 if steps else min(dt, bar.total - bar.n))  # a time bar must not overshoot (tqdm warns)
+            bar.set_postfix(step=step, loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{batch_size / dt:.1f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            if step % save_every == 0:
+                checkpoint()
+        bar.close()
+        checkpoint()
+    finally:  # a pool being simulated must not hold up the end of the run, nor an interrupted one
+        if stream:
+            stream.close()
     return {"step": step, "seconds": seconds, "losses": losses, "checkpoint": str(ckpt_path), "finished": done_fraction() >= 1}
 
 

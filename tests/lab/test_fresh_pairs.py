@@ -1,6 +1,9 @@
 """`train --simulate`: pairs degraded afresh from the training slices of the source volumes."""
 
 import json
+import threading
+import time
+from concurrent.futures import CancelledError
 
 import nibabel as nib
 import numpy as np
@@ -63,6 +66,25 @@ def test_pools_come_from_training_slices_with_new_noise_each_time(sources):
 
 def test_pool_keeps_to_the_modalities_asked_for(sources):
     assert {p.modality for p in paired.fresh_pairs(2, np.random.default_rng(0), modalities=("PET",))} == {"PET"}
+
+
+def test_closing_the_stream_stops_the_pool_being_simulated_at_its_next_source(sources, monkeypatch):
+    """The end of a run must not wait minutes for a pool of body CT that nobody will train on."""
+    inside, calls, degrade = threading.Event(), [], paired.degrade
+
+    def slow_degrade(modality, *args, **kwargs):
+        calls.append(modality)
+        inside.set()
+        time.sleep(0.3)
+        return degrade(modality, *args, **kwargs)
+
+    monkeypatch.setattr(paired, "degrade", slow_degrade)
+    stream = training.FreshPairStream(2, np.random.default_rng(0), paired.MODALITIES, "cpu", paired.CT_DOSE_RANGE)
+    assert inside.wait(10)
+    stream.close()
+    assert calls == ["CT"], "sources after the cancel were still simulated"
+    with pytest.raises(CancelledError):
+        stream.pending.result()
 
 
 def test_training_on_fresh_pools(sources, tmp_path):
