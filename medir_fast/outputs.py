@@ -52,12 +52,14 @@ def _on_signal(signum, frame):
 @contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
     """Within: SIGINT, SIGTERM and SIGHUP raise `Interrupted` (the command line uses it). The
-    previous handlers come back afterwards. Outside the main thread, where Python cannot set
+    previous handlers come back afterwards. A signal ignored on entry stays ignored, as POSIX asks
+    of programs that catch signals: `nohup medir-fast ...` must outlive the terminal, and a
+    shell's background job ignores SIGINT. Outside the main thread, where Python cannot set
     handlers, it changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _on_signal) for s in INTERRUPTING_SIGNALS}
+    previous = {s: signal.signal(s, _on_signal) for s in INTERRUPTING_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,14 +23,18 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(),
 WAIT = 120.0  # seconds; far above any legitimate wait here
 
 
-def _catches_our_signals(pid: int) -> bool:
-    """Whether the process has installed its handlers (SigCgt holds SIGHUP, SIGINT and SIGTERM)."""
+def _catches_our_signals(pid: int, signals=(signal.SIGHUP, signal.SIGINT, signal.SIGTERM)) -> bool:
+    """Whether the process has installed its handlers (SigCgt holds each of `signals`)."""
+    return _signal_mask(pid, "SigCgt", signals)
+
+
+def _signal_mask(pid: int, field: str, signals) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
-    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-    return all(caught >> (s - 1) & 1 for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM))
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:")), 16)
+    return all(mask >> (s - 1) & 1 for s in signals)
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str) -> None:
@@ -99,6 +104,26 @@ def test_signal_leaves_nothing_behind(tmp_path, volume, sig, moment, stream):
     else:
         assert "nothing was written" in lines[0]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="needs the nohup command")
+def test_a_run_under_nohup_outlives_sighup(tmp_path, volume):
+    """A signal ignored when the run starts stays ignored: `nohup medir-fast infer ...` finishes
+    after the terminal closes, whole."""
+    out = tmp_path / "out.nii.gz"
+    cmd = ["nohup", sys.executable, "-m", "medir_fast.cli", "infer", str(volume), "--task", "ct_denoise", "--weights",
+           str(DATA / "tiny_state_dict.pth"), "-o", str(out), "--batch-size", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(lambda: _catches_our_signals(proc.pid, (signal.SIGINT, signal.SIGTERM)), proc, "signal handlers")
+        assert _signal_mask(proc.pid, "SigIgn", (signal.SIGHUP,)) and not _catches_our_signals(proc.pid, (signal.SIGHUP,))
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert np.isfinite(nib.load(out).get_fdata()).all()
 
 
 def _series_being_written(folder: Path) -> bool:
