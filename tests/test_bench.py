@@ -213,13 +213,13 @@ def test_sigint_while_timing_writes_nothing(tmp_path, tiny_weights):
     import sys
     import time
 
-    from .test_signals import WAIT, _catches_our_signals, _wait_for
+    from .test_signals import WAIT, _catches_our_signals, _wait_for, from_a_terminal
 
     cmd = [sys.executable, "-m", "medir_fast.cli", "bench", "--weights", str(tiny_weights), "--shapes", "1x16x16",
            "--device", "cpu", "--backends", "official,eager", "--min-time", "60", "--json", str(tmp_path / "b.json"),
            "--markdown", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(from_a_terminal(cmd), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         _wait_for(lambda: _catches_our_signals(proc.pid), proc, "signal handlers")
         time.sleep(6.0)  # imports done, rows being timed
