@@ -35,7 +35,7 @@ METRICS = ("psnr", "ssim", "rmse")
 # --------------------------------------------------------------------------- baselines
 
 
-def _bm3d(x: np.ndarray, sigma: float) -> np.ndarray:
+def bm3d_denoise(x: np.ndarray, sigma: float) -> np.ndarray:
     import bm3d
 
     return np.asarray(bm3d.bm3d(x.astype(np.float64), sigma_psd=sigma), dtype=np.float32)
@@ -56,7 +56,7 @@ def _tuned(method: str, lq: np.ndarray, hq: np.ndarray, window) -> tuple[dict, f
 
     def score(p: float) -> float:
         if p not in tried:
-            out = _bm3d(lq, p) if method == "bm3d" else _gaussian(lq, p)
+            out = bm3d_denoise(lq, p) if method == "bm3d" else _gaussian(lq, p)
             tried[p] = metrics(out, hq, window)
         return tried[p]["psnr"]
 

@@ -118,9 +118,9 @@ class FreshPairStream:
     """
 
     def __init__(self, slices: int, rng: np.random.Generator, modalities: tuple[str, ...], device: str,
-                 ct_dose: tuple[float, float], body_ct: bool = False):
+                 ct_dose: tuple[float, float], body_ct: bool = False, quiet_body_ct: bool = False):
         self.slices, self.rng, self.modalities, self.device, self.ct_dose = slices, rng, modalities, device, ct_dose
-        self.body_ct = body_ct
+        self.body_ct, self.quiet_body_ct = body_ct, quiet_body_ct
         self.cancelled = threading.Event()
         self.worker = ThreadPoolExecutor(max_workers=1)
         self.pending = self._submit()
@@ -128,7 +128,8 @@ class FreshPairStream:
     def _submit(self) -> Future:
         seed = int(self.rng.integers(2**63))
         return self.worker.submit(fresh_pairs, self.slices, np.random.default_rng(seed), self.modalities, self.device,
-                                  ct_dose=self.ct_dose, body_ct=self.body_ct, cancelled=self.cancelled)
+                                  ct_dose=self.ct_dose, body_ct=self.body_ct,
+                                  quiet_body_ct=self.quiet_body_ct, cancelled=self.cancelled)
 
     def next(self) -> list[PairedVolume]:
         pairs = self.pending.result()
@@ -193,6 +194,7 @@ def train(
     mix: dict[str, int] | None = None,
     ct_dose: tuple[float, float] = CT_DOSE_RANGE,
     body_ct: bool = False,
+    quiet_body_ct: bool = False,
 ) -> dict:
     """Train (or fine-tune from `init`) and return a summary; `out_dir/last.pt` holds the state.
 
@@ -201,7 +203,8 @@ def train(
     steps), so the network never sees the same noise twice. `mix` gives each modality's share of
     a batch (CT=4,MRI=1,PET=2: CT's small HU residuals weigh little in an L1 over all tasks);
     `ct_dose` the dose range (x I0) of the re-posed CT slices in each pool; `body_ct` adds the
-    body-CT training patients (`paired.BODY_CT_SPLIT`) to the CT sources of each pool.
+    body-CT training patients (`paired.BODY_CT_SPLIT`) to the CT sources of each pool, and
+    `quiet_body_ct` takes their own grain out first (`paired.quieted_body_ct`).
 
     The cosine schedule runs over `steps` optimizer steps or, with `time_budget` (minutes),
     over that much training time, so that a run on a slow or shared machine still anneals
@@ -228,17 +231,19 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(rng, state["rng"])
         step, seconds = state["step"], state["seconds"]
-    stream = FreshPairStream(pool_slices, rng, modalities, device, ct_dose, body_ct) if simulate else None
+    stream = FreshPairStream(pool_slices, rng, modalities, device, ct_dose, body_ct, quiet_body_ct) if simulate else None
     sampler = PatchSampler(stream.next() if stream else pairs, crop, rng, mix)
 
     def done_fraction() -> float:
         return step / steps if steps is not None else seconds / (time_budget * 60)
 
+    body_note = (", with body CT, its grain taken out" if quiet_body_ct else ", with body CT") if body_ct else ""
+
     def checkpoint() -> None:
         record = {"step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
                   "lr": lr, "batch_size": batch_size, "crop": crop, "mix": mix, "modalities": list(modalities), "init": init,
                   "data": f"protocol-v1 degraded afresh ({pool_slices} slices per source, new every {refresh_every} steps, "
-                          f"re-posed CT at {ct_dose[0]:g}-{ct_dose[1]:g}x the dose{', with body CT' if body_ct else ''})"
+                          f"re-posed CT at {ct_dose[0]:g}-{ct_dose[1]:g}x the dose{body_note})"
                   if simulate else str(data_root), "threads": torch.get_num_threads(), "device": _device_name(device)}
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(rng), **record},
                     ckpt_path)
@@ -325,6 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --simulate: dose range LO,HI (x protocol v1's I0) of the re-posed CT slices")
     parser.add_argument("--body-ct", action="store_true",
                         help="with --simulate: the body-CT training patients join the CT sources of each pool")
+    parser.add_argument("--quiet-body-ct", action="store_true",
+                        help="with --body-ct: take those patients' own grain out first (BM3D, every 4th slice, cached)")
     parser.add_argument("--out", required=True, help="output folder (checkpoint last.pt, weights.pth)")
     parser.add_argument("--config", default="slim", help=f"model size: {', '.join(CONFIGS)}, a .json file or inline JSON")
     parser.add_argument("--steps", type=int, help="total optimizer steps of the cosine schedule (default 20000)")
@@ -392,6 +399,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either a paired data folder or --simulate")
     if args.body_ct and not args.simulate:
         raise ValueError("--body-ct needs --simulate")
+    if args.quiet_body_ct and not args.body_ct:
+        raise ValueError("--quiet-body-ct needs --body-ct")
     if args.pool_slices < 2 or args.refresh_every < 1:
         raise ValueError("--pool-slices must be at least 2 and --refresh-every at least 1")
     if bad or not modalities:
@@ -406,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(args.data, args.out, config, steps, args.batch_size, crop, args.lr, args.device,
                     args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities,
                     simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every, mix=mix,
-                    ct_dose=ct_dose, body_ct=args.body_ct)
+                    ct_dose=ct_dose, body_ct=args.body_ct, quiet_body_ct=args.quiet_body_ct)
     export_weights(summary["checkpoint"], Path(args.out) / "weights.pth")
     losses = summary["losses"]
     tail = f", mean loss of the last 100 steps {np.mean(losses[-100:]):.4f}" if losses else ""

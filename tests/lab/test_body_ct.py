@@ -142,3 +142,47 @@ def test_fresh_pools_take_body_ct_from_the_training_patients_only_when_asked(tmp
     pool = paired.fresh_pairs(4, np.random.default_rng(0), ("CT",), body_ct=True)
     assert {p.name.split("_plain")[0].split("_posed")[0] for p in pool} == set(paired.BODY_CT_SPLIT["train"])
     assert paired.fresh_pairs(4, np.random.default_rng(0), ("MRI",), body_ct=True) == []
+
+
+def _grainy_patient(tmp_path, rng, slices=8, side=48):
+    """(path, anatomy [N,H,W]) of a body phantom whose scan carries 15 HU of white grain."""
+    anatomy = np.full((slices, side, side), -1000.0)
+    anatomy[:, 8:40, 10:38] = 40.0
+    anatomy[:, 20:28, 20:28] = 300.0
+    path = tmp_path / "grainy.nii.gz"
+    grainy = anatomy + 15 * rng.standard_normal(anatomy.shape)
+    nib.save(nib.Nifti1Image(np.transpose(grainy, (1, 2, 0)).astype(np.float32), np.diag([0.8, 0.8, 3, 1])), path)
+    return path, anatomy
+
+
+def test_quieted_body_ct_takes_the_scans_own_grain_out_once(tmp_path, monkeypatch):
+    path, anatomy = _grainy_patient(tmp_path, np.random.default_rng(4))
+    name = paired.BODY_CT_SPLIT["train"][0]
+    monkeypatch.setattr(paired, "fetch", lambda cache=None, names=(): {n: path for n in names})
+    quiet, zooms = paired.quieted_body_ct(name, tmp_path / "cache")
+    kept = anatomy[::paired.BODY_CT_QUIET_STRIDE]
+    assert quiet.shape == kept.shape and zooms == pytest.approx((0.8, 0.8, 3.0))
+    rms = lambda x: float(np.sqrt(np.mean(x**2)))
+    assert rms(quiet - kept) < 0.4 * 15  # most of the grain is gone, the anatomy kept
+
+    from medir_fast.lab import evaluate
+
+    monkeypatch.setattr(evaluate, "bm3d_denoise", lambda *a: pytest.fail("the cached slices were quieted again"))
+    again, zooms_again = paired.quieted_body_ct(name, tmp_path / "cache")
+    np.testing.assert_array_equal(again, quiet)
+    assert zooms_again == pytest.approx(zooms)
+
+
+def test_fresh_pools_take_the_quieted_slices_only_when_asked(tmp_path, monkeypatch):
+    path, _ = _grainy_patient(tmp_path, np.random.default_rng(5), slices=4, side=24)
+    marker = np.full((2, 24, 24), 123.0, dtype=np.float32)  # stands for the quieted slices
+    monkeypatch.setattr(paired, "SOURCES", {})
+    monkeypatch.setattr(paired, "fetch", lambda cache=None, names=(): {n: path for n in names})
+    monkeypatch.setattr(paired, "quieted_body_ct", lambda name, cache: (marker, (0.8, 0.8, 3.0)))
+    cache = tmp_path / "cache"
+    for quiet in (False, True):
+        pool = paired.fresh_pairs(2, np.random.default_rng(0), ("CT",), cache=cache, body_ct=True, quiet_body_ct=quiet)
+        plain = [p for p in pool if "_plain" in p.name]
+        assert {p.name.split("_plain")[0] for p in plain} == set(paired.BODY_CT_SPLIT["train"])
+        centre = np.concatenate([p.hq[:, 8:16, 8:16] for p in plain])
+        assert (abs(centre.mean() - 123) < 5) == quiet  # the target reconstructs the quieted slices

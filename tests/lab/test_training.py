@@ -109,6 +109,8 @@ def test_a_deeper_config_grows_from_its_init_and_keeps_the_start(layout, tmp_pat
     (["--mix", "CT=4,MRI=0,PET=2"], "share of at least 1 to each modality"),
     (["--mix", "CT=a,MRI=1,PET=2"], "share of at least 1 to each modality"),
     (["--simulate"], "paired data folder or --simulate"),
+    (["--body-ct"], "--body-ct needs --simulate"),
+    (["--quiet-body-ct"], "--quiet-body-ct needs --body-ct"),
     (["--ct-dose", "8,0.5"], "--ct-dose must be LO,HI"),
     (["--ct-dose", "0,8"], "--ct-dose must be LO,HI"),
     (["--ct-dose", "low,high"], "--ct-dose must be LO,HI"),
