@@ -116,6 +116,17 @@ def history(init: str | None) -> list[dict]:
     raise SystemExit(f"error: cannot trace the training history of {init!r}: neither a shipped model nor a run folder")
 
 
+def training_data(sources: dict, stages: list[dict]) -> dict:
+    """Package, version, license and slices of every source volume behind `stages`: the protocol-v1
+    sources, and the body-CT training patients when a stage trained on them (its data says so)."""
+    names = list(paired.SOURCES)
+    if "with body CT" in json.dumps(stages):
+        names += paired.BODY_CT_SPLIT["train"]
+    whole = f"all; every {paired.BODY_CT_QUIET_STRIDE}th where a stage took their grain out"
+    return {name: {k: sources[name][k] for k in ("package", "version", "license", "what")}
+            | {"slices": paired.SPLITS[name] if name in paired.SPLITS else whole} for name in names}
+
+
 def metrics(report: dict) -> dict:
     """The manifest's metrics from a `medir-fast eval --json` report: per modality, every method and the margin."""
     per_modality = {}
@@ -173,8 +184,7 @@ def main() -> int:
         **({"tile": args.tile} if args.tile else {}),
         "state_dict_elements": sum(v.numel() for v in state_dict.values()),  # parameters + 6 MoE buffers
         "training": {
-            "data": {name: {k: s[k] for k in ("package", "version", "license", "what")} | {"slices": paired.SPLITS[name]}
-                     for name, s in sources.items() if name in paired.SOURCES},
+            "data": training_data(sources, stages),
             "protocol": "v1 (medir_fast.lab.simulate)",
             "stages": stages,
         },

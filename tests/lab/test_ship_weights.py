@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medir_fast import weights
-from medir_fast.lab import ship_weights
+from medir_fast.lab import paired, ship_weights
 
 
 def _run(folder: Path, init, step: int, device: str) -> Path:
@@ -103,3 +103,15 @@ def test_metrics_keep_the_margin_and_the_tiles_they_were_measured_at():
     assert metrics["per_modality"]["CT"]["best_baseline"] == "bm3d"
     assert metrics["per_modality"]["CT"]["model_minus_best_baseline_psnr_db"] == pytest.approx(-0.327)
     assert metrics["per_modality"]["PET"]["model_minus_best_baseline_psnr_db"] == pytest.approx(0.82)
+
+
+def test_the_body_ct_patients_are_listed_only_when_a_stage_trained_on_them():
+    what = {"package": "p", "version": "1", "license": "MIT", "what": "a scan"}
+    sources = {name: what for name in [*paired.SOURCES, *paired.BODY_CT]}
+    head_only = [{"data": "protocol-v1 degraded afresh (12 slices per source)"}]
+    assert set(ship_weights.training_data(sources, head_only)) == set(paired.SOURCES)
+    body = [*head_only, {"average_of": [{"data": "protocol-v1 degraded afresh (..., with body CT)"}]}]
+    data = ship_weights.training_data(sources, body)
+    assert set(data) == {*paired.SOURCES, *paired.BODY_CT_SPLIT["train"]}
+    assert data["ct_cranium"]["slices"] == paired.SPLITS["ct_cranium"] and data["ct_cranium"]["license"] == "MIT"
+    assert data[paired.BODY_CT_SPLIT["train"][0]]["slices"].startswith("all")
