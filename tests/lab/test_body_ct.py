@@ -156,6 +156,8 @@ def _grainy_patient(tmp_path, rng, slices=8, side=48):
 
 
 def test_quieted_body_ct_takes_the_scans_own_grain_out_once(tmp_path, monkeypatch):
+    pytest.importorskip("bm3d")
+    pytest.importorskip("skimage.restoration")
     path, anatomy = _grainy_patient(tmp_path, np.random.default_rng(4))
     name = paired.BODY_CT_SPLIT["train"][0]
     monkeypatch.setattr(paired, "fetch", lambda cache=None, names=(): {n: path for n in names})

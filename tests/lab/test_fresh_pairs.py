@@ -96,3 +96,26 @@ def test_training_on_fresh_pools(sources, tmp_path):
     assert state["data"].startswith("protocol-v1 degraded afresh") and state["crop"] == {"CT": 16, "MRI": 24, "PET": 16}
     record = json.loads((tmp_path / "run" / "run.json").read_text())  # the same facts, readable without torch
     assert record == {k: state[k] for k in record} and record["step"] == 5 and record["device"].startswith("CPU")
+
+
+def test_a_run_on_quieted_body_ct_says_so_and_its_manifest_lists_the_patients(sources, tmp_path, monkeypatch):
+    asked = []
+
+    def fresh_pairs(*args, **kwargs):  # the body patients are not in this cache: the head, MRI and PET only
+        asked.append((kwargs.pop("body_ct"), kwargs.pop("quiet_body_ct")))
+        return paired.fresh_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fresh_pairs", fresh_pairs)
+    config = dict(training.CONFIGS["slim"], **TINY)
+    training.train(None, tmp_path / "run", config, steps=1, batch_size=3, crop={"CT": 16, "MRI": 24, "PET": 16},
+                   progress=False, simulate=True, pool_slices=2, body_ct=True, quiet_body_ct=True)
+    assert asked and set(asked) == {(True, True)}
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert paired.BODY_CT_NOTE in record["data"] and paired.QUIET_BODY_CT_NOTE in record["data"]
+
+    from medir_fast.lab import ship_weights
+
+    what = {"package": "p", "version": "1", "license": "MIT", "what": "a scan"}
+    data = ship_weights.training_data({n: what for n in [*paired.SOURCES, *paired.BODY_CT]}, [ship_weights.stage(record)])
+    assert set(data) == {*paired.SOURCES, *paired.BODY_CT_SPLIT["train"]}
+    assert paired.QUIET_BODY_CT_NOTE in data[paired.BODY_CT_SPLIT["train"][0]]["slices"]

@@ -110,8 +110,11 @@ def test_the_body_ct_patients_are_listed_only_when_a_stage_trained_on_them():
     sources = {name: what for name in [*paired.SOURCES, *paired.BODY_CT]}
     head_only = [{"data": "protocol-v1 degraded afresh (12 slices per source)"}]
     assert set(ship_weights.training_data(sources, head_only)) == set(paired.SOURCES)
-    body = [*head_only, {"average_of": [{"data": "protocol-v1 degraded afresh (..., with body CT)"}]}]
+    body = [*head_only, {"average_of": [{"data": f"protocol-v1 degraded afresh (..., {paired.BODY_CT_NOTE})"}]}]
     data = ship_weights.training_data(sources, body)
     assert set(data) == {*paired.SOURCES, *paired.BODY_CT_SPLIT["train"]}
     assert data["ct_cranium"]["slices"] == paired.SPLITS["ct_cranium"] and data["ct_cranium"]["license"] == "MIT"
-    assert data[paired.BODY_CT_SPLIT["train"][0]]["slices"].startswith("all")
+    assert data[paired.BODY_CT_SPLIT["train"][0]]["slices"] == "all"
+    del sources[paired.BODY_CT_SPLIT["train"][0]]
+    with pytest.raises(SystemExit, match="not in the cache's sources.json"):
+        ship_weights.training_data(sources, body)
