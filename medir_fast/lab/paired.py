@@ -151,7 +151,7 @@ def build_body_ct(root: Path, cache: Path = CACHE, seed: int = 0, splits: tuple[
 BODY_CT_QUIET_STRIDE = 4  # BM3D costs ~8 s per 512 x 512 slice on two cores, so a quarter of them
 # What a run record's data says of body CT, so that a manifest can list the patients behind it.
 BODY_CT_NOTE = "with body CT"
-QUIET_BODY_CT_NOTE = f"its grain taken out (BM3D, every {BODY_CT_QUIET_STRIDE}th slice)"
+QUIET_BODY_CT_NOTE = f"quieted (their grain taken out by BM3D, every {BODY_CT_QUIET_STRIDE}th slice)"
 
 
 def quieted_body_ct(name: str, cache: Path = CACHE) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -233,10 +233,11 @@ def degrade(modality: str, hq: np.ndarray, pixel_mm: float, rng: np.random.Gener
 
 def fresh_pairs(slices: int, rng: np.random.Generator, modalities=MODALITIES, device: str = "cpu",
                 cache: Path = CACHE, ct_dose: tuple[float, float] = CT_DOSE_RANGE, body_ct: bool = False,
-                quiet_body_ct: bool = False, cancelled: threading.Event | None = None) -> list[PairedVolume]:
+                quiet_body_ct: float = 0.0, cancelled: threading.Event | None = None) -> list[PairedVolume]:
     """Protocol-v1 pairs degraded afresh from `slices` random training slices of each source
     (with `body_ct`, also of each body-CT training patient, all of whose slices are training;
-    with `quiet_body_ct` as well, of those patients' `quieted_body_ct` slices instead).
+    `quiet_body_ct` of those patients' slices, a share from 0 to 1, are drawn from their
+    `quieted_body_ct` slices instead, so that a pool can hold grain from none to the scanner's).
 
     Half the slices are degraded as they are, half re-posed first (`augmented_pairs`), so that
     training on a stream of these never sees the same noise twice. Only training slices are drawn.
@@ -250,11 +251,15 @@ def fresh_pairs(slices: int, rng: np.random.Generator, modalities=MODALITIES, de
     for name, path in fetch(cache, tuple(names)).items():
         if cancelled is not None and cancelled.is_set():
             raise CancelledError(f"pool cancelled before {name}")
-        quieted = quiet_body_ct and name in BODY_CT_SPLIT["train"]
-        volume, zooms = _quieted_cached(name, str(cache)) if quieted else _clean_volume_cached(name, str(path))
+        volume, zooms = _clean_volume_cached(name, str(path))
         modality = SOURCE_MODALITY[name]
         a, b = SPLITS[name]["train"] if name in SPLITS else (0, len(volume))
-        picked = volume[a + rng.choice(b - a, size=min(slices, b - a), replace=False)]
+        quiet = round(slices * quiet_body_ct) if name in BODY_CT_SPLIT["train"] else 0
+        picked = volume[a + rng.choice(b - a, size=min(slices - quiet, b - a), replace=False)]
+        if quiet:
+            quieted, _ = _quieted_cached(name, str(cache))
+            picked = np.concatenate([picked, quieted[rng.choice(len(quieted), size=min(quiet, len(quieted)), replace=False)]])
+            picked = picked[rng.permutation(len(picked))]  # both kinds among the plain and the re-posed halves
         half = len(picked) // 2
         plain = degrade(modality, picked[:half], zooms[0], rng, device) if half else {}
         posed, _ = augmented_pairs(modality, picked[half:], zooms[0], rng, device, ct_dose)

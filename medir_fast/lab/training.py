@@ -118,7 +118,7 @@ class FreshPairStream:
     """
 
     def __init__(self, slices: int, rng: np.random.Generator, modalities: tuple[str, ...], device: str,
-                 ct_dose: tuple[float, float], body_ct: bool = False, quiet_body_ct: bool = False):
+                 ct_dose: tuple[float, float], body_ct: bool = False, quiet_body_ct: float = 0.0):
         self.slices, self.rng, self.modalities, self.device, self.ct_dose = slices, rng, modalities, device, ct_dose
         self.body_ct, self.quiet_body_ct = body_ct, quiet_body_ct
         self.cancelled = threading.Event()
@@ -194,7 +194,7 @@ def train(
     mix: dict[str, int] | None = None,
     ct_dose: tuple[float, float] = CT_DOSE_RANGE,
     body_ct: bool = False,
-    quiet_body_ct: bool = False,
+    quiet_body_ct: float = 0.0,
 ) -> dict:
     """Train (or fine-tune from `init`) and return a summary; `out_dir/last.pt` holds the state.
 
@@ -204,7 +204,8 @@ def train(
     a batch (CT=4,MRI=1,PET=2: CT's small HU residuals weigh little in an L1 over all tasks);
     `ct_dose` the dose range (x I0) of the re-posed CT slices in each pool; `body_ct` adds the
     body-CT training patients (`paired.BODY_CT_SPLIT`) to the CT sources of each pool, and
-    `quiet_body_ct` takes their own grain out first (`paired.quieted_body_ct`).
+    `quiet_body_ct` is the share (0 to 1) of their slices whose own grain is taken out first
+    (`paired.quieted_body_ct`).
 
     The cosine schedule runs over `steps` optimizer steps or, with `time_budget` (minutes),
     over that much training time, so that a run on a slow or shared machine still anneals
@@ -238,7 +239,7 @@ def train(
         return step / steps if steps is not None else seconds / (time_budget * 60)
 
     body_note = "" if not body_ct or "CT" not in modalities else \
-        f", {BODY_CT_NOTE}, {QUIET_BODY_CT_NOTE}" if quiet_body_ct else f", {BODY_CT_NOTE}"
+        f", {BODY_CT_NOTE}, {quiet_body_ct:.0%} of its slices {QUIET_BODY_CT_NOTE}" if quiet_body_ct else f", {BODY_CT_NOTE}"
 
     def checkpoint() -> None:
         record = {"step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
@@ -331,9 +332,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --simulate: dose range LO,HI (x protocol v1's I0) of the re-posed CT slices")
     parser.add_argument("--body-ct", action="store_true",
                         help="with --simulate: the body-CT training patients join the CT sources of each pool")
-    parser.add_argument("--quiet-body-ct", action="store_true",
-                        help="with --body-ct: take those patients' own grain out first "
-                             f"(BM3D, every {BODY_CT_QUIET_STRIDE}th slice, cached)")
+    parser.add_argument("--quiet-body-ct", type=float, default=0.0, metavar="SHARE",
+                        help="with --body-ct: the share (0 to 1) of those patients' slices whose own grain is "
+                             f"taken out first (BM3D, every {BODY_CT_QUIET_STRIDE}th slice, cached)")
     parser.add_argument("--out", required=True, help="output folder (checkpoint last.pt, weights.pth)")
     parser.add_argument("--config", default="slim", help=f"model size: {', '.join(CONFIGS)}, a .json file or inline JSON")
     parser.add_argument("--steps", type=int, help="total optimizer steps of the cosine schedule (default 20000)")
@@ -397,6 +398,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in modalities if m not in MODALITIES]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} asked for, but this torch build sees no CUDA device")
+    if not 0 <= args.quiet_body_ct <= 1:
+        raise ValueError(f"--quiet-body-ct is a share from 0 to 1, got {args.quiet_body_ct:g}")
     if (args.data is None) == (not args.simulate):
         raise ValueError("give either a paired data folder or --simulate")
     if args.body_ct and not args.simulate:

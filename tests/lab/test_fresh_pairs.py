@@ -108,10 +108,10 @@ def test_a_run_on_quieted_body_ct_says_so_and_its_manifest_lists_the_patients(so
     monkeypatch.setattr(training, "fresh_pairs", fresh_pairs)
     config = dict(training.CONFIGS["slim"], **TINY)
     training.train(None, tmp_path / "run", config, steps=1, batch_size=3, crop={"CT": 16, "MRI": 24, "PET": 16},
-                   progress=False, simulate=True, pool_slices=2, body_ct=True, quiet_body_ct=True)
-    assert asked and set(asked) == {(True, True)}
+                   progress=False, simulate=True, pool_slices=2, body_ct=True, quiet_body_ct=0.5)
+    assert asked and set(asked) == {(True, 0.5)}
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert paired.BODY_CT_NOTE in record["data"] and paired.QUIET_BODY_CT_NOTE in record["data"]
+    assert paired.BODY_CT_NOTE in record["data"] and f"50% of its slices {paired.QUIET_BODY_CT_NOTE}" in record["data"]
 
     from medir_fast.lab import ship_weights
 
