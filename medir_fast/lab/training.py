@@ -1,7 +1,7 @@
 """`medir-fast train`: the official all-in-one objective on paired folders.
 
-Every batch mixes the tasks (in turn, or in the shares `--mix` gives), loss = L1 + 0.001 x the
-routing load-balancing loss, Adam 2e-4 with a cosine schedule, random crops, flips and 90-degree
+Every batch mixes the tasks (in turn, or in the shares `--mix` gives), loss = L1 (or `--loss
+log-l1`, see `crop_loss`) + 0.001 x the routing load-balancing loss, Adam 2e-4 with a cosine schedule, random crops, flips and 90-degree
 rotations. Checkpoints (model, optimizer, schedule, step, RNG) are written atomically, so a run
 killed at any moment resumes from its last checkpoint with `--resume`.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..model import AMIR, DEFAULT_CONFIG, CheckpointError, build_model, deepen, infer_config
@@ -35,6 +34,25 @@ CONFIGS = {  # "slim" is the shipped default: a 512 x 512 slice in seconds on a 
     "default": dict(DEFAULT_CONFIG),
 }
 LOAD_BALANCING_WEIGHT = 0.001
+LOSSES = ("l1", "log-l1")
+
+
+def crop_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """The loss of one task's crops [n,1,c,c].
+
+    `l1`: the mean absolute error, so a crop counts by its absolute error and a noisy crop
+    outweighs a quiet one. `log-l1`: each crop's L1 weighted by the inverse of its own (weights
+    held constant and scaled to a mean of 1), which is the gradient of the mean log L1 up to
+    one factor per batch: a crop counts by its relative error, as mean per-slice PSNR counts
+    slices, and the task's weight in the batch stays what L1 gives it.
+    """
+    per_crop = (out - target).abs().flatten(1).mean(1)
+    if kind == "l1":
+        return per_crop.mean()
+    if kind != "log-l1":
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+    weight = 1 / (per_crop.detach() + 1e-6)
+    return (weight / weight.mean() * per_crop).mean()
 
 
 def resolve_config(spec: str) -> dict:
@@ -100,12 +118,12 @@ class PatchSampler:
         return lq, hq
 
     def batch(self, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`size` crops as (input, target) tensors [n,1,c,c], one pair per crop size c."""
+        """`size` crops as (input, target) tensors [n,1,c,c], one pair per task (its crop size c)."""
         start = self.rng.integers(len(self.turns))
-        groups: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for i in range(size):
             modality = self.turns[(start + i) % len(self.turns)]
-            groups.setdefault(self.crops[modality], []).append(self._crop(modality))
+            groups.setdefault(modality, []).append(self._crop(modality))
         stack = lambda crops, j: torch.from_numpy(np.stack([c[j] for c in crops]).copy())[:, None]
         return [(stack(crops, 0), stack(crops, 1)) for crops in groups.values()]
 
@@ -195,6 +213,7 @@ def train(
     ct_dose: tuple[float, float] = CT_DOSE_RANGE,
     body_ct: bool = False,
     quiet_body_ct: float = 0.0,
+    loss: str = "l1",
 ) -> dict:
     """Train (or fine-tune from `init`) and return a summary; `out_dir/last.pt` holds the state.
 
@@ -205,7 +224,7 @@ def train(
     `ct_dose` the dose range (x I0) of the re-posed CT slices in each pool; `body_ct` adds the
     body-CT training patients (`paired.BODY_CT_SPLIT`) to the CT sources of each pool, and
     `quiet_body_ct` is the share (0 to 1) of their slices whose own grain is taken out first
-    (`paired.quieted_body_ct`).
+    (`paired.quieted_body_ct`). `loss` is `crop_loss`'s kind.
 
     The cosine schedule runs over `steps` optimizer steps or, with `time_budget` (minutes),
     over that much training time, so that a run on a slow or shared machine still anneals
@@ -243,7 +262,7 @@ def train(
 
     def checkpoint() -> None:
         record = {"step": step, "seconds": seconds, "config": config, "steps": steps, "time_budget": time_budget,
-                  "lr": lr, "batch_size": batch_size, "crop": crop, "mix": mix, "modalities": list(modalities), "init": init,
+                  "lr": lr, "loss": loss, "batch_size": batch_size, "crop": crop, "mix": mix, "modalities": list(modalities), "init": init,
                   "data": f"protocol-v1 degraded afresh ({pool_slices} slices per source, new every {refresh_every} steps, "
                           f"re-posed CT at {ct_dose[0]:g}-{ct_dose[1]:g}x the dose{body_note})"
                   if simulate else str(data_root), "threads": torch.get_num_threads(), "device": _device_name(device)}
@@ -266,11 +285,11 @@ def train(
                 sampler = PatchSampler(stream.next(), crop, rng, mix)
             optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
-            for lq, hq in sampler.batch(batch_size):  # one forward per crop size, gradients summed
+            for lq, hq in sampler.batch(batch_size):  # one forward per task, gradients summed
                 out, balance = model(lq.to(device))
-                loss = len(lq) / batch_size * (F.l1_loss(out, hq.to(device)) + LOAD_BALANCING_WEIGHT * balance)
-                loss.backward()
-                loss_value += loss.item()
+                share = len(lq) / batch_size * (crop_loss(out, hq.to(device), loss) + LOAD_BALANCING_WEIGHT * balance)
+                share.backward()
+                loss_value += share.item()
             optimizer.step()
             step += 1
             dt = time.monotonic() - t0
@@ -344,6 +363,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="square crop side, a multiple of 8; or one per modality: CT=64,MRI=128,PET=64")
     parser.add_argument("--mix", help="shares of a batch per modality, like CT=4,MRI=1,PET=2 (default: in turn)")
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--loss", choices=LOSSES, default="l1",
+                        help="l1, or log-l1: every crop's L1 weighted by the inverse of its own, within its task")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", help="start from weights: 'default', a shipped name, or a checkpoint file; "
@@ -420,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(args.data, args.out, config, steps, args.batch_size, crop, args.lr, args.device,
                     args.seed, args.init, args.resume, args.save_every, args.time_budget, args.stop_after, modalities,
                     simulate=args.simulate, pool_slices=args.pool_slices, refresh_every=args.refresh_every, mix=mix,
-                    ct_dose=ct_dose, body_ct=args.body_ct, quiet_body_ct=args.quiet_body_ct)
+                    ct_dose=ct_dose, body_ct=args.body_ct, quiet_body_ct=args.quiet_body_ct, loss=args.loss)
     export_weights(summary["checkpoint"], Path(args.out) / "weights.pth")
     losses = summary["losses"]
     tail = f", mean loss of the last 100 steps {np.mean(losses[-100:]):.4f}" if losses else ""

@@ -1,6 +1,7 @@
 """A few training steps reduce the loss; resuming reproduces an uninterrupted run exactly."""
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def _held_out_l1(state_dict, layout) -> float:
     model.load_state_dict(state_dict)
     sampler = training.PatchSampler(read_pairs(layout, "test"), 32, np.random.default_rng(123))
     torch.manual_seed(0)
-    [(lq, hq)] = sampler.batch(6)
+    lq, hq = (torch.cat(stacks) for stacks in zip(*sampler.batch(6)))  # one pair per task, all 32 x 32
     with torch.no_grad():
         return float(F.l1_loss(model.eval()(lq), hq))
 
@@ -77,11 +78,12 @@ def test_cli_trains_and_exports_loadable_weights(layout, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     training.add_arguments(parser)
     args = parser.parse_args([str(layout), "--out", str(tmp_path / "cli"), "--config", '{"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1}',
-                              "--steps", "2", "--batch-size", "3", "--crop", "32"])
+                              "--steps", "2", "--batch-size", "3", "--crop", "32", "--loss", "log-l1"])
     assert training.run(args) == 0
     state = torch.load(tmp_path / "cli" / "weights.pth", weights_only=True)
     AMIR(**CONFIG).load_state_dict(state)
     assert "finished at step 2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "run.json").read_text())["loss"] == "log-l1"
 
 
 def test_a_deeper_config_grows_from_its_init_and_keeps_the_start(layout, tmp_path):
@@ -132,7 +134,7 @@ def test_crops_larger_than_the_slices_are_mirror_padded_pairs(layout):
     """A 48-pixel crop of 40-pixel slices: input and target padded alike, the data kept in the middle."""
     pairs = read_pairs(layout, "train")
     sampler = training.PatchSampler(pairs, 48, np.random.default_rng(0))
-    [(lq, hq)] = sampler.batch(6)
+    lq, hq = (torch.cat(stacks) for stacks in zip(*sampler.batch(6)))
     assert lq.shape == hq.shape == (6, 1, 48, 48)
     assert float((lq - hq).abs().mean()) < 0.1  # the fixture's LQ is HQ plus mild noise: still paired
     pet = next(p for p in pairs if p.modality == "PET")
@@ -143,12 +145,14 @@ def test_crops_larger_than_the_slices_are_mirror_padded_pairs(layout):
     np.testing.assert_array_equal(padded_hq[3], padded_hq[5])  # mirrored about the first data row
 
 
-def test_crops_per_modality_come_as_one_tensor_pair_per_size(layout):
-    """Super-resolution wants context, denoising many crops: sizes per modality, tasks still interleaved."""
+def test_crops_come_as_one_tensor_pair_per_task(layout):
+    """Super-resolution wants context, denoising many crops: sizes per modality, tasks still
+    interleaved; one pair per task (CT and PET share a size here), so that a loss can weigh
+    crops within their task."""
     sampler = training.PatchSampler(read_pairs(layout, "train"), {"CT": 16, "MRI": 48, "PET": 16}, np.random.default_rng(0))
     groups = sampler.batch(7)
     sizes = sorted((lq.shape[0], lq.shape[-1]) for lq, _ in groups)
-    assert sizes in ([(2, 48), (5, 16)], [(3, 48), (4, 16)])  # 7 crops over 3 tasks from a random start
+    assert sizes in ([(2, 16), (2, 48), (3, 16)], [(2, 16), (2, 16), (3, 48)])  # 7 crops over 3 tasks from a random start
     assert all(lq.shape == hq.shape and lq.shape[1] == 1 for lq, hq in groups)
 
 
@@ -161,6 +165,28 @@ def test_mix_gives_each_modality_its_share_of_every_batch(layout):
         assert counts == [(16, 4), (24, 2), (48, 1)]
     assert training.parse_mix(None, ("CT", "PET")) is None
     assert training.parse_mix("ct=3, PET=1", ("CT", "PET")) == {"CT": 3, "PET": 1}
+
+
+def test_l1_crop_loss_is_torch_l1():
+    out, target = torch.randn(5, 1, 9, 9, dtype=torch.float64), torch.randn(5, 1, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(training.crop_loss(out, target), torch.nn.functional.l1_loss(out, target))
+    with pytest.raises(ValueError, match="l1, log-l1"):
+        training.crop_loss(out, target, "l2")
+
+
+def test_log_l1_weighs_each_crop_by_its_relative_error():
+    """Its gradient is that of the mean log L1 over crops, up to one positive factor; with equal
+    errors it is plain L1. Crops at errors 100x apart: plain L1 pulls 100x harder on the noisy one."""
+    target = torch.randn(4, 1, 7, 7, dtype=torch.float64)
+    out = (target + torch.randn_like(target) * torch.tensor([1e-3, 1e-2, 1e-1, 3e-1]).view(4, 1, 1, 1)).requires_grad_()
+    (grad,) = torch.autograd.grad(training.crop_loss(out, target, "log-l1"), out)
+    log_mean = (out - target).abs().flatten(1).mean(1).log().mean()
+    (expected,) = torch.autograd.grad(log_mean, out)
+    factor = (grad.flatten() @ expected.flatten()) / (expected.flatten() @ expected.flatten())
+    assert factor > 0
+    torch.testing.assert_close(grad, factor * expected, rtol=2e-3, atol=0)  # the 1e-6 that keeps a perfect crop finite
+    equal = target + 0.5 * torch.sign(torch.randn_like(target))
+    torch.testing.assert_close(training.crop_loss(equal, target, "log-l1"), training.crop_loss(equal, target))
 
 
 def test_parse_crop():
