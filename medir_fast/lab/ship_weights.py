@@ -46,6 +46,7 @@ def stage(record: dict, augmented_copies: dict | None = None) -> dict:
     budget = f"{record['time_budget']} min of training" if record["time_budget"] else f"{record['steps']} steps"
     entry = {"init": record.get("init"), "steps": record["step"], "training_seconds": round(record["seconds"]),
              "batch_size": record["batch_size"], "crop": record["crop"], "mix": record.get("mix"), "lr": record["lr"],
+             "loss": record.get("loss"),
              "schedule": f"cosine over {budget}", "modalities": record["modalities"], "data": record.get("data"),
              "augmented_copies": augmented_copies, "device": device, "config": record.get("config")}
     return {k: v for k, v in entry.items() if v is not None}

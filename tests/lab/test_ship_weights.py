@@ -118,3 +118,10 @@ def test_the_body_ct_patients_are_listed_only_when_a_stage_trained_on_them():
     del sources[paired.BODY_CT_SPLIT["train"][0]]
     with pytest.raises(SystemExit, match="not in the cache's sources.json"):
         ship_weights.training_data(sources, body)
+
+
+def test_a_stage_names_its_loss_when_the_run_recorded_one():
+    record = {"step": 5, "seconds": 60.0, "steps": None, "time_budget": 1.0, "lr": 1e-4, "batch_size": 4, "crop": 64,
+              "modalities": ["CT"], "device": "CPU (2 cores, 2 torch threads)"}
+    assert ship_weights.stage(dict(record, loss="log-l1"))["loss"] == "log-l1"
+    assert "loss" not in ship_weights.stage(record)  # runs from before --loss trained on L1
