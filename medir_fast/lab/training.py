@@ -2,8 +2,9 @@
 
 Every batch mixes the tasks (in turn, or in the shares `--mix` gives), loss = L1 (or `--loss
 log-l1`, see `crop_loss`) + 0.001 x the routing load-balancing loss, Adam 2e-4 with a cosine
-schedule, random crops, flips and 90-degree rotations. Checkpoints (model, optimizer, schedule, step, RNG) are written atomically, so a run
-killed at any moment resumes from its last checkpoint with `--resume`.
+schedule, random crops, flips and 90-degree rotations. Checkpoints (model, optimizer, schedule,
+step, RNG) are written atomically, so a run killed at any moment resumes from its last
+checkpoint with `--resume`.
 """
 
 from __future__ import annotations
