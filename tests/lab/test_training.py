@@ -121,6 +121,7 @@ def test_a_deeper_config_grows_from_its_init_and_keeps_the_start(layout, tmp_pat
     (["--config", "huge"], "--config must be"),
     (["--modalities", "CT,XR"], "subset"),
     (["--device", "cuda:0"], "CUDA"),
+    (["--loss", "l2"], "invalid choice: 'l2'"),
 ])
 def test_cli_bad_options_are_one_line_errors(layout, tmp_path, capsys, flags, message):
     if "cuda:0" in flags and torch.cuda.is_available():
