@@ -8,7 +8,10 @@ the dose and as a head 0.6x as large (both give less noise), PET at 0.3x the upt
 counts), CT at 0.25x and 0.1x the dose (more noise), next to protocol v1 itself, and scores each
 model against the input and the per-slice tuned baselines of `medir-fast eval`. It also reports how
 much each model changes the noiseless validation CT (`evaluate.texture_change`): the scan's own
-texture that it smooths away, which bounds how well it can do on quiet slices.
+texture that it smooths away, which bounds how well it can do on quiet slices. The body-CT
+validation patient is the quietest body scan here (its input about 9 dB above the test abdomen's
+under protocol v1), so one row gives it 1/8 of the dose, which brings it to the abdomen's noise:
+the noisy body scans have a validation row.
 
     python experiments/noise_levels.py WEIGHTS [WEIGHTS ...] [--tile CT=80,PET=64] [--json out.json]
 
@@ -28,25 +31,30 @@ from medir_fast.lab.evaluate import evaluate, parse_tile, texture_change
 from medir_fast.lab.paired import PairedVolume
 from medir_fast.restorer import Restorer
 
-CONDITIONS = {  # name: (modality, dose or uptake factor, head size factor)
-    "CT protocol v1": ("CT", 1.0, 1.0),
-    "CT 8x dose": ("CT", 8.0, 1.0),
-    "CT head 0.6x": ("CT", 1.0, 0.6),
-    "PET protocol v1": ("PET", 1.0, None),
-    "PET 0.3x uptake": ("PET", 0.3, None),
-    "CT 0.25x dose": ("CT", 0.25, 1.0),
-    "CT 0.1x dose": ("CT", 0.1, 1.0),
+CONDITIONS = {  # name: (source, dose or uptake factor, head size factor)
+    "CT protocol v1": ("ct_cranium", 1.0, 1.0),
+    "CT 8x dose": ("ct_cranium", 8.0, 1.0),
+    "CT head 0.6x": ("ct_cranium", 1.0, 0.6),
+    "PET protocol v1": ("pet_fdg_template", 1.0, None),
+    "PET 0.3x uptake": ("pet_fdg_template", 0.3, None),
+    "CT 0.25x dose": ("ct_cranium", 0.25, 1.0),
+    "CT 0.1x dose": ("ct_cranium", 0.1, 1.0),
+    "body CT 0.125x dose": (paired.BODY_CT_SPLIT["val"][0], 0.125, 1.0),
 }
-SOURCE = {"CT": "ct_cranium", "PET": "pet_fdg_template"}
+SOURCE = {"CT": "ct_cranium", "PET": "pet_fdg_template"}  # the restorers' modalities; the noiseless CT
 
 
 def pairs() -> list[PairedVolume]:
-    paths = paired.fetch(names=tuple(SOURCE.values()))
+    paths = paired.fetch(names=tuple({source for source, _, _ in CONDITIONS.values()}))
     out = []
-    for seed, (name, (modality, level, size)) in enumerate(CONDITIONS.items()):
-        volume, zooms = paired.clean_volume(SOURCE[modality], paths[SOURCE[modality]])
-        a, b = paired.SPLITS[SOURCE[modality]]["val"]
-        hq = volume[a:b]
+    for seed, (name, (source, level, size)) in enumerate(CONDITIONS.items()):
+        volume, zooms = paired.clean_volume(source, paths[source])
+        modality = paired.SOURCE_MODALITY[source]
+        if source in paired.SPLITS:
+            a, b = paired.SPLITS[source]["val"]
+            hq = volume[a:b]
+        else:  # a body-CT validation patient: every slice is validation; its held-out slices
+            hq = volume[paired.held_out_body_slices(len(volume))]
         if modality == "CT":
             lq, hq = simulate.simulate_ct(hq, pixel_mm=zooms[0] * size, seed=100 + seed, i0=simulate.CT_I0 * level)
         else:

@@ -132,6 +132,11 @@ def build_other_volumes(root: Path, cache: Path = CACHE, seed: int = 0) -> Path:
     return root
 
 
+def held_out_body_slices(depth: int) -> np.ndarray:
+    """The `BODY_CT_HELD_OUT` evenly spaced slice indices of a held-out body patient `depth` slices deep."""
+    return np.unique(np.linspace(0, depth - 1, BODY_CT_HELD_OUT).round().astype(int))
+
+
 def build_body_ct(root: Path, cache: Path = CACHE, seed: int = 0, splits: tuple[str, ...] = ("train", "val", "test")) -> Path:
     """Write protocol-v1 pairs of the `BODY_CT` patients, each in its `BODY_CT_SPLIT` split only
     (held-out patients: `BODY_CT_HELD_OUT` slices), one noise draw each, as `root/CT/split/{LQ,HQ}`."""
@@ -139,8 +144,7 @@ def build_body_ct(root: Path, cache: Path = CACHE, seed: int = 0, splits: tuple[
     for split in splits:
         for name, path in fetch(cache, BODY_CT_SPLIT[split]).items():
             volume, zooms = clean_volume(name, path)
-            picked = np.unique(np.linspace(0, len(volume) - 1, BODY_CT_HELD_OUT).round().astype(int))
-            hq = volume if split == "train" else volume[picked]
+            hq = volume if split == "train" else volume[held_out_body_slices(len(volume))]
             chunks = [simulate.simulate_ct(hq[k:k + 8], pixel_mm=float(zooms[0]), seed=seed + SPLIT_SEED[split] + 1000 * k)
                       for k in range(0, len(hq), 8)]  # 8 slices of 512 x 512 at a time bound the memory
             lq, target = (np.concatenate(stack) for stack in zip(*chunks))
