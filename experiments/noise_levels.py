@@ -13,7 +13,7 @@ validation patient is the quietest body scan here (its input about 9 dB above th
 under protocol v1), so one row gives it 1/8 of the dose, which brings it to the abdomen's noise:
 the noisy body scans have a validation row.
 
-    python experiments/noise_levels.py WEIGHTS [WEIGHTS ...] [--tile CT=80,PET=64] [--json out.json]
+    python experiments/noise_levels.py WEIGHTS [WEIGHTS ...] [--tile CT=80,PET=64] [--json out.json] [--no-baselines]
 
 WEIGHTS: a file or a shipped name. A shipped model runs in the tiles it was validated at, as
 `medir-fast infer` and `eval` run it; `--tile` (as in `eval`) sets them for every model, so that
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("weights", nargs="+")
     parser.add_argument("--tile", help="a size or one per modality, like CT=80,PET=64 (0: whole slices)")
     parser.add_argument("--json")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="score the input and the models only (tuned BM3D takes minutes on the body row)")
     args = parser.parse_args()
     try:
         asked = parse_tile(args.tile, tuple(SOURCE))
@@ -76,7 +78,7 @@ def main() -> None:
         parser.error(str(exc))
     torch.set_num_threads(2)
     degraded = pairs()
-    report = evaluate(degraded, None, baselines=True, progress=False)
+    report = evaluate(degraded, None, baselines=not args.no_baselines, progress=False)
     rows = {f: {m: r["psnr"] for m, r in v["methods"].items()} for f, v in report["files"].items()}
     clean_ct = next(p.hq for p in degraded if p.name == "CT protocol v1")
     texture = {}
